@@ -1,0 +1,1 @@
+"""qcn.compile: HF checkpoint -> ONNX (export) -> passes -> engines (build)."""

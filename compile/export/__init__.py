@@ -1,0 +1,1 @@
+"""Checkpoint loading and export-friendly modeling of Qwen3-Next."""

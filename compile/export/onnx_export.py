@@ -1,0 +1,170 @@
+"""Export QcnModel to ONNX: prefill (tokens dynamic) and decode (tokens = 1) graphs.
+
+The model is traced on the meta device, so exporting needs no weights in memory. Weights are
+then streamed from the checkpoint, one tensor at a time, into a single external-data file
+(`weights.bin`) that both graphs reference. The qcn ops are emitted as opaque nodes by their
+onnxscript translations; their function bodies are attached afterwards (torch's exporter
+would inline functions it emitted itself).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+import torch
+
+from ..plugins.attention.op import OP as ATTENTION
+from ..plugins.gated_deltanet.op import OP as GATED_DELTANET
+from ..plugins.moe.op import OP as MOE
+from ..plugins.onnx_function import DOMAIN, DOMAIN_VERSION
+from .config import ModelConfig
+from .modeling import QcnModel, RopeTables
+
+log = logging.getLogger(__name__)
+
+QCN_OPS = (GATED_DELTANET, MOE, ATTENTION)
+WEIGHTS_FILE = "weights.bin"
+GRAPHS = ("prefill", "decode")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class StateTensor:
+    """One per-layer state tensor of the contract (docs/CONTRACT.md), shapes per sequence slot."""
+
+    layer: int
+    kind: str  # conv_state | recurrent_state | key | value
+    input: str
+    output: str
+    shape: tuple  # ints, and "max_context" for the cache length
+    dtype: str
+
+
+def state_layout(cfg: ModelConfig, act_dtype: str) -> list[StateTensor]:
+    out = []
+    for i, kind in enumerate(cfg.layer_types):
+        if kind == "linear_attention":
+            Hv, Dk, Dv = cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
+            out.append(StateTensor(i, "conv_state", f"conv_state.{i}", f"present.conv_state.{i}",
+                                   (cfg.conv_dim, cfg.linear_conv_kernel_dim - 1), act_dtype))
+            out.append(StateTensor(i, "recurrent_state", f"recurrent_state.{i}", f"present.recurrent_state.{i}",
+                                   (Hv, Dk, Dv), "float32"))
+        else:
+            shape = (cfg.num_key_value_heads, "max_context", cfg.head_dim)
+            out.append(StateTensor(i, "key", f"past_key.{i}", f"new_key.{i}", shape, act_dtype))
+            out.append(StateTensor(i, "value", f"past_value.{i}", f"new_value.{i}", shape, act_dtype))
+    return out
+
+
+def _example_inputs(cfg: ModelConfig, layout: list[StateTensor], tokens: int, act: torch.dtype):
+    B, P = 2, 5
+    states = []
+    for s in layout:
+        shape = (B, *[P if d == "max_context" else d for d in s.shape])
+        states.append(torch.zeros(shape, dtype=DTYPES[s.dtype] if s.dtype in DTYPES else act, device="meta"))
+    ids = torch.zeros(B, tokens, dtype=torch.int64, device="meta")
+    return ids, torch.zeros(B, dtype=torch.int64, device="meta"), states
+
+
+def _dynamic_shapes(layout: list[StateTensor], dynamic_tokens: bool):
+    batch, tokens, past = torch.export.Dim("batch"), torch.export.Dim("tokens"), torch.export.Dim("past")
+    ids = {0: batch, 1: tokens} if dynamic_tokens else {0: batch}
+    states = [{0: batch, 2: past} if s.kind in ("key", "value") else {0: batch} for s in layout]
+    return ids, {0: batch}, states
+
+
+class WeightWriter:
+    """Streams initializers into one external-data file, each tensor written once."""
+
+    def __init__(self, out_dir: Path, model: QcnModel, checkpoint, rope: RopeTables, progress: bool = False):
+        self.out_dir, self.model, self.checkpoint = out_dir, model, checkpoint
+        self.specs = {s.name: s for s in model.specs}
+        self.constants = model.constant_tensors(rope)
+        self.written: dict[str, tuple[int, int]] = {}
+        self.progress = progress
+        self.bytes = 0
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        if name in self.specs:
+            return self.specs[name].load(self.checkpoint, self.model.act_dtype)
+        if name in self.constants:
+            return self.constants[name]
+        raise KeyError(f"initializer {name!r} is neither a weight of the weight map nor a known constant")
+
+    def attach(self, model: ir.Model) -> None:
+        from tqdm.auto import tqdm
+
+        path = self.out_dir / WEIGHTS_FILE
+        items = list(model.graph.initializers.items())
+        with open(path, "ab") as f:
+            for name, value in tqdm(items, desc="weights", unit="tensor", disable=not self.progress or not items):
+                if name not in self.written:
+                    data = self._tensor(name)
+                    if list(data.shape) != [d for d in value.shape]:
+                        raise ValueError(f"initializer {name}: graph expects {list(value.shape)}, got {list(data.shape)}")
+                    raw = data.contiguous().view(torch.uint8).numpy().tobytes() if data.numel() else b""
+                    offset = f.tell()
+                    # 64-byte alignment keeps every tensor mmap-friendly
+                    pad = (-offset) % 64
+                    f.write(b"\0" * pad)
+                    f.write(raw)
+                    self.written[name] = (offset + pad, len(raw))
+                    self.bytes += len(raw)
+                offset, length = self.written[name]
+                value.const_value = ir.ExternalTensor(WEIGHTS_FILE, offset, length, value.dtype, shape=value.shape,
+                                                      name=name, base_dir=str(self.out_dir))
+
+
+def _trace(model: QcnModel, layout, dynamic_tokens: bool, opset: int) -> ir.Model:
+    act = model.act_dtype
+    args = _example_inputs(model.cfg, layout, 3 if dynamic_tokens else 1, act)
+    input_names = ["input_ids", "past_len"] + [s.input for s in layout]
+    output_names = ["logits"] + [s.output for s in layout]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model, args, dynamo=True, optimize=False, opset_version=opset, verbose=False,
+            dynamic_shapes=_dynamic_shapes(layout, dynamic_tokens),
+            custom_translation_table={op.torch_op: op.translation for op in QCN_OPS},
+            input_names=input_names, output_names=output_names,
+        )
+    return program.model
+
+
+def _finish(model: ir.Model, opset: int) -> onnx.ModelProto:
+    import onnxscript.optimizer
+
+    onnxscript.optimizer.optimize(model, num_iterations=2)
+    proto = ir.serde.serialize_model(model)
+    used = {n.op_type for n in proto.graph.node if n.domain == DOMAIN}
+    proto.functions.extend(op.function(opset) for op in QCN_OPS if op.name in used)
+    if not any(o.domain == DOMAIN for o in proto.opset_import):
+        proto.opset_import.append(onnx.helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+    del proto.metadata_props[:]
+    return proto
+
+
+def export_graphs(cfg: ModelConfig, checkpoint, rope: RopeTables, out_dir: Path, *, activation_dtype: str,
+                  logits: str, opset: int, progress: bool = False) -> dict[str, Path]:
+    """Write prefill.onnx, decode.onnx and weights.bin into `out_dir`; return the graph paths."""
+    if activation_dtype not in DTYPES:
+        raise ValueError(f"activation dtype {activation_dtype!r}; valid: {tuple(DTYPES)}")
+    layout = state_layout(cfg, activation_dtype)
+    model = QcnModel(cfg, rope, DTYPES[activation_dtype], logits=logits, device="meta").eval()
+    writer = WeightWriter(out_dir, model, checkpoint, rope, progress)
+    paths = {}
+    for graph in GRAPHS:
+        log.info("exporting %s graph", graph)
+        ir_model = _trace(model, layout, dynamic_tokens=(graph == "prefill"), opset=opset)
+        writer.attach(ir_model)
+        proto = _finish(ir_model, opset)
+        paths[graph] = out_dir / f"{graph}.onnx"
+        onnx.save(proto, paths[graph])
+        onnx.checker.check_model(str(paths[graph]), full_check=True)
+    log.info("wrote %d weight tensors, %.1f MB", len(writer.written), writer.bytes / 1e6)
+    return paths

@@ -1,0 +1,146 @@
+"""The weight map: every tensor of our export model, its checkpoint sources and transform.
+
+Data, not code paths (gpt-fast style): `weight_specs(cfg)` lists `WeightSpec`s; `load` reads
+the sources lazily from a `Checkpoint` and applies the transform. Layout decisions:
+- projections are stored [in, out] so the graph is a plain `MatMul(x, W)` (no weight-only ops
+  for the optimizer to fold, and the passes see ordinary MatMuls);
+- in_proj_qkvz / in_proj_ba rows are de-interleaved once here (transformers'
+  `fix_query_key_value_ordering`): q | k | v | z and b | a become contiguous;
+- zero-centred RMSNorm weights are stored as (1 + w) in fp32, which is what transformers
+  multiplies by (`output * (1.0 + weight.float())`);
+- routed experts are stacked [E, 2I, H] (gate rows first) and [E, H, I] as qcn::MoE takes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .config import ModelConfig
+
+Transform = Callable[[list[torch.Tensor]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    name: str  # parameter name in the export model == ONNX initializer name
+    shape: tuple[int, ...]
+    sources: tuple[str, ...]  # checkpoint tensor names
+    transform: Transform
+    fp32: bool = False  # kept in fp32 whatever the activation dtype
+
+    def load(self, checkpoint, act_dtype: torch.dtype) -> torch.Tensor:
+        t = self.transform([checkpoint.get(s, dtype=torch.float32) for s in self.sources])
+        t = t.to(torch.float32 if self.fp32 else act_dtype).contiguous()
+        if tuple(t.shape) != self.shape:
+            raise ValueError(f"weight {self.name}: transform of {self.sources} gave {list(t.shape)}, "
+                             f"expected {list(self.shape)}")
+        return t
+
+
+def _t(ts):  # nn.Linear [out, in] -> [in, out]
+    return ts[0].T
+
+
+def _one(ts):
+    return ts[0]
+
+
+def _one_plus(ts):
+    return 1.0 + ts[0]
+
+
+def _qkvz(cfg: ModelConfig) -> Transform:
+    Hk, Dk, Dv = cfg.linear_num_key_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
+    r = cfg.linear_num_value_heads // Hk
+
+    def f(ts):
+        w = ts[0].reshape(Hk, 2 * Dk + 2 * r * Dv, -1)
+        q, k, v, z = torch.split(w, [Dk, Dk, r * Dv, r * Dv], dim=1)
+        return torch.cat([p.reshape(-1, w.shape[-1]) for p in (q, k, v, z)], dim=0).T
+    return f
+
+
+def _ba(cfg: ModelConfig) -> Transform:
+    Hk = cfg.linear_num_key_heads
+    r = cfg.linear_num_value_heads // Hk
+
+    def f(ts):
+        w = ts[0].reshape(Hk, 2 * r, -1)
+        b, a = torch.split(w, [r, r], dim=1)
+        return torch.cat([b.reshape(-1, w.shape[-1]), a.reshape(-1, w.shape[-1])], dim=0).T
+    return f
+
+
+def _stack_gate_up(n: int) -> Transform:
+    def f(ts):  # [gate_0, up_0, gate_1, up_1, ...] -> [E, 2I, H]
+        return torch.stack([torch.cat([ts[2 * e], ts[2 * e + 1]], dim=0) for e in range(n)])
+    return f
+
+
+def _stack(ts):
+    return torch.stack(ts)
+
+
+def _cat_t(ts):  # gate [I,H], up [I,H] -> [H, 2I]
+    return torch.cat(ts, dim=0).T
+
+
+def _cat(ts):
+    return torch.cat(ts, dim=0)
+
+
+def _squeeze_conv(ts):  # [C, 1, K] -> [C, K]
+    return ts[0][:, 0, :]
+
+
+def weight_specs(cfg: ModelConfig) -> list[WeightSpec]:
+    H, V = cfg.hidden_size, cfg.vocab_size
+    specs = [WeightSpec("embed_tokens", (V, H), ("model.embed_tokens.weight",), _one)]
+    for i in range(cfg.num_hidden_layers):
+        src, dst = f"model.layers.{i}", f"layers.{i}"
+        w = lambda name, shape, sources, fn, fp32=False: specs.append(  # noqa: E731
+            WeightSpec(f"{dst}.{name}", tuple(shape), tuple(f"{src}.{s}" for s in sources), fn, fp32))
+        w("input_norm", (H,), ["input_layernorm.weight"], _one_plus, True)
+        w("post_norm", (H,), ["post_attention_layernorm.weight"], _one_plus, True)
+        if cfg.layer_types[i] == "linear_attention":
+            Hv, Dv, C, K = cfg.linear_num_value_heads, cfg.linear_value_head_dim, cfg.conv_dim, cfg.linear_conv_kernel_dim
+            w("in_proj_qkvz", (H, C + cfg.value_dim), ["linear_attn.in_proj_qkvz.weight"], _qkvz(cfg))
+            w("in_proj_ba", (H, 2 * Hv), ["linear_attn.in_proj_ba.weight"], _ba(cfg))
+            w("conv_weight", (C, K), ["linear_attn.conv1d.weight"], _squeeze_conv)
+            w("A_log", (Hv,), ["linear_attn.A_log"], _one, True)
+            w("dt_bias", (Hv,), ["linear_attn.dt_bias"], _one)
+            w("gdn_norm", (Dv,), ["linear_attn.norm.weight"], _one)
+            w("out_proj", (cfg.value_dim, H), ["linear_attn.out_proj.weight"], _t)
+        else:
+            Hq, KVH, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+            w("q_proj", (H, 2 * Hq * D), ["self_attn.q_proj.weight"], _t)
+            w("k_proj", (H, KVH * D), ["self_attn.k_proj.weight"], _t)
+            w("v_proj", (H, KVH * D), ["self_attn.v_proj.weight"], _t)
+            w("o_proj", (Hq * D, H), ["self_attn.o_proj.weight"], _t)
+            if cfg.attention_bias:
+                w("q_bias", (2 * Hq * D,), ["self_attn.q_proj.bias"], _one)
+                w("k_bias", (KVH * D,), ["self_attn.k_proj.bias"], _one)
+                w("v_bias", (KVH * D,), ["self_attn.v_proj.bias"], _one)
+                w("o_bias", (H,), ["self_attn.o_proj.bias"], _one)
+            w("q_norm", (D,), ["self_attn.q_norm.weight"], _one_plus, True)
+            w("k_norm", (D,), ["self_attn.k_norm.weight"], _one_plus, True)
+        if cfg.is_moe_layer(i):
+            E, I, Is = cfg.num_experts, cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size
+            w("router", (E, H), ["mlp.gate.weight"], _one)
+            w("experts_gate_up", (E, 2 * I, H),
+              [f"mlp.experts.{e}.{p}_proj.weight" for e in range(E) for p in ("gate", "up")], _stack_gate_up(E))
+            w("experts_down", (E, H, I), [f"mlp.experts.{e}.down_proj.weight" for e in range(E)], _stack)
+            w("shared_gate_up", (2 * Is, H), ["mlp.shared_expert.gate_proj.weight", "mlp.shared_expert.up_proj.weight"], _cat)
+            w("shared_down", (H, Is), ["mlp.shared_expert.down_proj.weight"], _one)
+            w("shared_gate", (1, H), ["mlp.shared_expert_gate.weight"], _one)
+        else:
+            I = cfg.intermediate_size
+            w("mlp_gate_up", (H, 2 * I), ["mlp.gate_proj.weight", "mlp.up_proj.weight"], _cat_t)
+            w("mlp_down", (I, H), ["mlp.down_proj.weight"], _t)
+    specs.append(WeightSpec("final_norm", (H,), ("model.norm.weight",), _one_plus, True))
+    lm_source = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+    specs.append(WeightSpec("lm_head", (H, V), (lm_source,), _t))
+    return specs

@@ -1,0 +1,1 @@
+"""Graph passes over exported ONNX (fusion, quantization). None ship yet."""

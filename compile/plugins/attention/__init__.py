@@ -1,0 +1,1 @@
+"""qcn::CachedAttention: op definition (op.py) and kernels."""

@@ -1,0 +1,113 @@
+"""qcn::CachedAttention: causal GQA over a runtime-owned KV cache plus the new tokens.
+
+Shapes: B batch, T new tokens, P cache length passed in, Hq query heads, KVH kv heads, D head dim.
+    q [B, T, Hq, D]     after q_norm and RoPE
+    k, v [B, T, KVH, D] the new tokens' keys (after k_norm and RoPE) and values
+    past_key, past_value [B, KVH, P, D]  the runtime's cache; positions >= past_len[b] are ignored
+    past_len [B] int64  tokens already in the cache for each sequence
+ -> out [B, T, Hq, D]
+Attribute: scale (softmax scale, D^-0.5 for Qwen3-Next).
+
+Cache key j is visible iff j < past_len[b]; new key t' is visible to query t iff t' <= t. Query
+head h reads KV head h // (Hq / KVH). Scores in the activation dtype, softmax in fp32 then back
+to the activation dtype (transformers' eager_attention_forward). The op never writes the cache:
+the graph returns k/v of the new tokens and the runtime appends them (docs/CONTRACT.md), so no
+step copies the whole cache. The decode kernel (flash-decoding) replaces this body on GPU.
+"""
+
+from __future__ import annotations
+
+import onnx
+import onnxscript
+import torch
+from onnx import TensorProto
+from onnx.defs import OpSchema
+
+from ..onnx_function import DOMAIN, DOMAIN_VERSION, FunctionBuilder, QcnOp, register_schema
+
+OP_NAME = "CachedAttention"
+INPUTS = ["q", "k", "v", "past_key", "past_value", "past_len"]
+
+
+@torch.library.custom_op("qcn::cached_attention", mutates_args=())
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_key: torch.Tensor,
+                     past_value: torch.Tensor, past_len: torch.Tensor, scale: float) -> torch.Tensor:
+    """Naive reference: one (sequence, head, query) at a time over its visible keys."""
+    B, T, Hq, D = q.shape
+    group = Hq // k.shape[2]
+    out = torch.empty_like(q)
+    for b in range(B):
+        n_past = int(past_len[b])
+        for h in range(Hq):
+            kv = h // group
+            keys = torch.cat([past_key[b, kv, :n_past], k[b, :, kv]], dim=0)  # [n_past+T, D]
+            values = torch.cat([past_value[b, kv, :n_past], v[b, :, kv]], dim=0)
+            for t in range(T):
+                visible = n_past + t + 1
+                scores = (keys[:visible] @ q[b, t, h]) * scale
+                p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+                out[b, t, h] = p @ values[:visible]
+    return out
+
+
+@cached_attention.register_fake
+def _(q, k, v, past_key, past_value, past_len, scale):
+    return torch.empty_like(q)
+
+
+def _schema() -> OpSchema:
+    P = OpSchema.FormalParameter
+    return OpSchema(
+        OP_NAME, DOMAIN, DOMAIN_VERSION,
+        doc=__doc__,
+        inputs=[P(n, "T") for n in INPUTS[:-1]] + [P("past_len", "I")],
+        outputs=[P("out", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "activations"),
+                          ("I", ["tensor(int64)"], "lengths")],
+        attributes=[OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "softmax scale")],
+    )
+
+
+register_schema(_schema())
+_qcn = onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)
+
+
+def _translation(q, k, v, past_key, past_value, past_len, scale: float):
+    return _qcn.CachedAttention(q, k, v, past_key, past_value, past_len, scale=scale)
+
+
+def function_proto(opset: int) -> onnx.FunctionProto:
+    f = FunctionBuilder(OP_NAME, opset)
+    i64 = lambda v: f.const(v, "int64")  # noqa: E731
+    T = lambda t, perm: f.op("Transpose", t, perm=perm)  # noqa: E731
+    sq = lambda t: f.op("Squeeze", t)  # noqa: E731
+
+    n_new, n_cache = f.dim("q", 1), f.dim("past_key", 2)
+    Hq, KVH, D = f.dim("q", 2), f.dim("k", 2), f.dim("q", 3)
+    keys = f.op("Concat", "past_key", T("k", [0, 2, 1, 3]), axis=2)  # [B, KVH, P+T, D]
+    values = f.op("Concat", "past_value", T("v", [0, 2, 1, 3]), axis=2)
+
+    # q [B,T,Hq,D] -> [B, KVH, G, T, D]: query head h = kv * G + g
+    q5 = f.op("Reshape", T("q", [0, 2, 1, 3]), f.op("Concat", i64([0]), KVH, i64([-1]), n_new, D, axis=0))
+    scores = f.op("MatMul", q5, f.op("Unsqueeze", T(keys, [0, 1, 3, 2]), i64([2])))  # [B,KVH,G,T,P+T]
+    scores = f.op("Mul", scores, f.op("CastLike", f.attr_const("scale", onnx.AttributeProto.FLOAT), "q"))
+
+    # visibility [B, T, P+T]
+    j = f.op("Range", i64(0), sq(f.op("Add", n_cache, n_new)), i64(1))  # [P+T]
+    t = f.op("Unsqueeze", f.op("Range", i64(0), sq(n_new), i64(1)), i64([1]))  # [T, 1]
+    in_cache = f.op("Less", j, n_cache)  # [P+T]
+    past_ok = f.op("And", in_cache, f.op("Less", j, f.op("Unsqueeze", "past_len", i64([1]))))  # [B, P+T]
+    new_ok = f.op("And", f.op("Not", in_cache), f.op("LessOrEqual", f.op("Sub", j, n_cache), t))  # [T, P+T]
+    visible = f.op("Or", f.op("Unsqueeze", past_ok, i64([1])), new_ok)  # [B, T, P+T]
+    visible = f.op("Unsqueeze", visible, i64([1, 2]))  # [B, 1, 1, T, P+T]
+
+    neg_inf = f.const(float("-inf"), "float32")
+    masked = f.op("Where", visible, f.op("Cast", scores, to=TensorProto.FLOAT), neg_inf)
+    probs = f.op("CastLike", f.op("Softmax", masked, axis=-1), "q")
+    ctx = f.op("MatMul", probs, f.op("Unsqueeze", values, i64([2])))  # [B, KVH, G, T, D]
+    ctx = f.op("Reshape", ctx, f.op("Concat", i64([0]), Hq, n_new, D, axis=0))  # [B, Hq, T, D]
+    f.graph_op("Transpose", [ctx], ["out"], perm=[0, 2, 1, 3])
+    return f.build(INPUTS, ["out"], ["scale"])
+
+
+OP = QcnOp(OP_NAME, torch.ops.qcn.cached_attention.default, _schema(), _translation, function_proto)

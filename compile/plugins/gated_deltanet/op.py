@@ -1,0 +1,211 @@
+"""qcn::GatedDeltaNet: one linear-attention (Gated DeltaNet) layer between its projections.
+
+Shapes (OPS.md): B batch, T tokens, C = 2*Hk*Dk + Hv*Dv conv channels, K conv kernel.
+    qkv [B, T, C]  contiguous q | k | v after in_proj, before the conv
+    z [B, T, Hv, Dv], b [B, T, Hv], a [B, T, Hv]
+    conv_weight [C, K], A_log [Hv] fp32, dt_bias [Hv], norm_weight [Dv]
+    conv_state [B, C, K-1] (activation dtype), recurrent_state [B, Hv, Dk, Dv] fp32
+ -> y [B, T, Hv*Dv], conv_state_out [B, C, K-1], recurrent_state_out [B, Hv, Dk, Dv] fp32
+Attributes: num_k_heads (Hk), norm_eps (epsilon of the gated RMSNorm).
+
+Semantics are those of transformers' Qwen3NextGatedDeltaNet (per token t): depthwise causal
+conv over [conv_state ; qkv] then SiLU; split q, k, v; L2-normalise q and k (eps 1e-6),
+q *= Dk^-0.5; v head j reads qk head j // (Hv/Hk); beta = sigmoid(b);
+g = -exp(A_log) * softplus(a + dt_bias); S = exp(g) S; S += k (x) beta (v - S^T k); o = S^T q;
+y = norm_weight * rmsnorm(o) * silu(z). The torch implementation below is the naive per-token
+reference; the function body is the same math in standard ONNX ops (a Scan over T).
+"""
+
+from __future__ import annotations
+
+import onnx
+import onnxscript
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper
+from onnx.defs import OpSchema
+
+from ..onnx_function import DOMAIN, DOMAIN_VERSION, INT64_MAX, FunctionBuilder, QcnOp, register_schema
+
+OP_NAME = "GatedDeltaNet"
+L2_EPS = 1e-6
+INPUTS = ["qkv", "z", "b", "a", "conv_weight", "A_log", "dt_bias", "norm_weight", "conv_state", "recurrent_state"]
+OUTPUTS = ["y", "conv_state_out", "recurrent_state_out"]
+
+
+def split_sizes(C: int, Hv: int, Dv: int, num_k_heads: int) -> tuple[int, int, int]:
+    """(Hk*Dk, Hk*Dk, Hv*Dv): the q | k | v widths inside C, with the error a caller needs."""
+    key_dim2 = C - Hv * Dv
+    if key_dim2 <= 0 or key_dim2 % (2 * num_k_heads):
+        raise ValueError(f"GatedDeltaNet: C={C} is not 2*Hk*Dk + Hv*Dv for Hk={num_k_heads}, Hv={Hv}, Dv={Dv}")
+    return key_dim2 // 2, key_dim2 // 2, Hv * Dv
+
+
+@torch.library.custom_op("qcn::gated_deltanet", mutates_args=())
+def gated_deltanet(
+    qkv: torch.Tensor, z: torch.Tensor, b: torch.Tensor, a: torch.Tensor,
+    conv_weight: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, norm_weight: torch.Tensor,
+    conv_state: torch.Tensor, recurrent_state: torch.Tensor, num_k_heads: int, norm_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, T, C = qkv.shape
+    Hv, Dv = z.shape[2], z.shape[3]
+    K = conv_weight.shape[1]
+    key_dim, _, value_dim = split_sizes(C, Hv, Dv, num_k_heads)
+    Dk = key_dim // num_k_heads
+    act = qkv.dtype
+
+    # causal depthwise conv over [conv_state ; qkv], then SiLU
+    x = torch.cat([conv_state.to(act), qkv.transpose(1, 2)], dim=2)  # [B, C, T+K-1]
+    conv_state_out = x[:, :, T:].contiguous()
+    conv = sum(x[:, :, j:j + T] * conv_weight[:, j, None] for j in range(K))
+    mixed = F.silu(conv).transpose(1, 2)  # [B, T, C]
+    q, k, v = torch.split(mixed, [key_dim, key_dim, value_dim], dim=-1)
+    rep = Hv // num_k_heads
+    q = q.reshape(B, T, num_k_heads, Dk).repeat_interleave(rep, dim=2).float()
+    k = k.reshape(B, T, num_k_heads, Dk).repeat_interleave(rep, dim=2).float()
+    v = v.reshape(B, T, Hv, Dv).float()
+    q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + L2_EPS)
+    k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + L2_EPS)
+    q = q * Dk ** -0.5
+    beta = torch.sigmoid(b).float()
+    g = -A_log.float().exp() * F.softplus(a.float() + dt_bias)
+
+    S = recurrent_state.float().clone()
+    outs = []
+    for t in range(T):
+        S = S * g[:, t].exp()[..., None, None]
+        kv_mem = (S * k[:, t, :, :, None]).sum(-2)
+        delta = (v[:, t] - kv_mem) * beta[:, t, :, None]
+        S = S + k[:, t, :, :, None] * delta[:, :, None, :]
+        outs.append((S * q[:, t, :, :, None]).sum(-2))
+    o = torch.stack(outs, dim=1).to(act)  # [B, T, Hv, Dv]
+
+    # gated RMSNorm, with transformers' casts (Qwen3NextRMSNormGated)
+    of = o.float()
+    normed = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + norm_eps)
+    y = (norm_weight * normed.to(act)).float() * F.silu(z.float())
+    return y.to(act).reshape(B, T, Hv * Dv), conv_state_out, S
+
+
+@gated_deltanet.register_fake
+def _(qkv, z, b, a, conv_weight, A_log, dt_bias, norm_weight, conv_state, recurrent_state, num_k_heads, norm_eps):
+    B, T, _ = qkv.shape
+    return (qkv.new_empty(B, T, z.shape[2] * z.shape[3]), torch.empty_like(conv_state),
+            torch.empty_like(recurrent_state))
+
+
+def _schema() -> OpSchema:
+    P = OpSchema.FormalParameter
+    types = {"qkv": "T", "z": "T", "b": "T", "a": "T", "conv_weight": "T", "A_log": "F", "dt_bias": "T",
+             "norm_weight": "T", "conv_state": "T", "recurrent_state": "F"}
+    return OpSchema(
+        OP_NAME, DOMAIN, DOMAIN_VERSION,
+        doc=__doc__,
+        inputs=[P(n, types[n]) for n in INPUTS],
+        outputs=[P("y", "T"), P("conv_state_out", "T"), P("recurrent_state_out", "F")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "activations"),
+                          ("F", ["tensor(float)"], "fp32 state and A_log")],
+        attributes=[OpSchema.Attribute("num_k_heads", OpSchema.AttrType.INT, "Hk"),
+                    OpSchema.Attribute("norm_eps", OpSchema.AttrType.FLOAT, "gated RMSNorm epsilon")],
+    )
+
+
+register_schema(_schema())
+_qcn = onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)
+
+
+def _translation(qkv, z, b, a, conv_weight, A_log, dt_bias, norm_weight, conv_state, recurrent_state,
+                 num_k_heads: int, norm_eps: float):
+    return _qcn.GatedDeltaNet(qkv, z, b, a, conv_weight, A_log, dt_bias, norm_weight, conv_state,
+                              recurrent_state, num_k_heads=num_k_heads, norm_eps=norm_eps)
+
+
+def _scan_body() -> onnx.GraphProto:
+    """One token: S [B,Hv,Dk,Dv], q_t/k_t [B,Hv,Dk], v_t [B,Hv,Dv], g_t/beta_t [B,Hv] -> S', o_t."""
+    f = FunctionBuilder("gdn_step", 0, prefix="step_")
+    last2 = f.const([-1, -2], "int64")
+    decay = f.op("Unsqueeze", f.op("Exp", "g_t"), last2)  # [B,Hv,1,1]
+    S = f.op("Mul", "S_in", decay)
+    k_row = f.op("Unsqueeze", "k_t", f.const([-2], "int64"))  # [B,Hv,1,Dk]
+    kv_mem = f.op("Squeeze", f.op("MatMul", k_row, S), f.const([-2], "int64"))  # [B,Hv,Dv]
+    delta = f.op("Mul", f.op("Sub", "v_t", kv_mem), f.op("Unsqueeze", "beta_t", f.const([-1], "int64")))
+    k_col = f.op("Unsqueeze", "k_t", f.const([-1], "int64"))  # [B,Hv,Dk,1]
+    d_row = f.op("Unsqueeze", delta, f.const([-2], "int64"))  # [B,Hv,1,Dv]
+    f.graph_op("Add", [S, f.op("Mul", k_col, d_row)], ["S_out"])
+    q_row = f.op("Unsqueeze", "q_t", f.const([-2], "int64"))
+    f.graph_op("Squeeze", [f.op("MatMul", q_row, "S_out"), f.const([-2], "int64")], ["o_t"])
+    fl = TensorProto.FLOAT
+    vi = helper.make_tensor_value_info
+    return helper.make_graph(
+        f.nodes, "gdn_step",
+        [vi("S_in", fl, [None] * 4), vi("q_t", fl, [None] * 3), vi("k_t", fl, [None] * 3),
+         vi("v_t", fl, [None] * 3), vi("g_t", fl, [None] * 2), vi("beta_t", fl, [None] * 2)],
+        [vi("S_out", fl, [None] * 4), vi("o_t", fl, [None] * 3)],
+    )
+
+
+def function_proto(opset: int) -> onnx.FunctionProto:
+    f = FunctionBuilder(OP_NAME, opset)
+    FLOAT = TensorProto.FLOAT
+    i64 = lambda v: f.const(v, "int64")  # noqa: E731
+    T = f.dim("qkv", 1)
+    Hv, Dv = f.dim("z", 2), f.dim("z", 3)
+    C = f.dim("qkv", 2)
+    Hk = f.op("Unsqueeze", f.attr_const("num_k_heads", onnx.AttributeProto.INT), i64([0]))
+
+    # causal depthwise conv: window[b, c, t, j] = x[b, c, t + j]
+    x = f.op("Concat", f.op("CastLike", "conv_state", "qkv"), f.op("Transpose", "qkv", perm=[0, 2, 1]), axis=2)
+    f.graph_op("Slice", [x, T, i64([INT64_MAX]), i64([2])], ["conv_state_out"])
+    K = f.dim("conv_weight", 1)
+    t_idx = f.op("Unsqueeze", f.op("Range", i64(0), f.op("Squeeze", T), i64(1)), i64([1]))  # [T,1]
+    j_idx = f.op("Unsqueeze", f.op("Range", i64(0), f.op("Squeeze", K), i64(1)), i64([0]))  # [1,K]
+    windows = f.op("Gather", x, f.op("Add", t_idx, j_idx), axis=2)  # [B,C,T,K]
+    w = f.op("Unsqueeze", "conv_weight", i64([1]))  # [C,1,K]
+    conv = f.op("ReduceSum", f.op("Mul", windows, w), i64([-1]), keepdims=0)  # [B,C,T]
+    mixed = f.op("Transpose", f.op("Mul", conv, f.op("Sigmoid", conv)), perm=[0, 2, 1])  # [B,T,C]
+
+    value_dim = f.op("Mul", Hv, Dv)
+    key_dim = f.op("Div", f.op("Sub", C, value_dim), i64([2]))
+    q, k, v = f.op("Split", mixed, f.op("Concat", key_dim, key_dim, value_dim, axis=0), axis=-1, outputs=3)
+
+    def heads(t, rep):  # [B,T,Hk*Dk] -> fp32 [B,T,Hv,Dk], head j reads qk head j // rep
+        t4 = f.op("Reshape", t, f.op("Concat", i64([0, 0]), Hk, i64([1, -1]), axis=0))  # [B,T,Hk,1,Dk]
+        t5 = f.op("Expand", t4, f.op("Concat", i64([1, 1, 1]), rep, i64([1]), axis=0))
+        return f.op("Cast", f.op("Reshape", t5, f.op("Concat", i64([0, 0]), Hv, i64([-1]), axis=0)), to=FLOAT)
+
+    def l2norm(t):
+        ss = f.op("ReduceSum", f.op("Mul", t, t), i64([-1]), keepdims=1)
+        return f.op("Mul", t, f.op("Reciprocal", f.op("Sqrt", f.op("Add", ss, f.const(L2_EPS, "float32")))))
+
+    rep = f.op("Div", Hv, Hk)
+    qn, kn = l2norm(heads(q, rep)), l2norm(heads(k, rep))
+    Dk = f.op("Cast", f.dim(qn, -1), to=FLOAT)
+    qn = f.op("Mul", qn, f.op("Reciprocal", f.op("Sqrt", Dk)))
+    vf = f.op("Cast", f.op("Reshape", v, f.op("Concat", i64([0, 0]), Hv, Dv, axis=0)), to=FLOAT)
+
+    beta = f.op("Cast", f.op("Sigmoid", "b"), to=FLOAT)  # [B,T,Hv]
+    dt = f.op("Add", f.op("Cast", "a", to=FLOAT), f.op("Cast", "dt_bias", to=FLOAT))
+    g = f.op("Mul", f.op("Neg", f.op("Exp", f.op("Cast", "A_log", to=FLOAT))), f.op("Softplus", dt))
+
+    tm = lambda t, perm: f.op("Transpose", t, perm=perm)  # noqa: E731  time-major for Scan
+    S_out, o_tm = f.op(
+        "Scan", f.op("Cast", "recurrent_state", to=FLOAT),
+        tm(qn, [1, 0, 2, 3]), tm(kn, [1, 0, 2, 3]), tm(vf, [1, 0, 2, 3]), tm(g, [1, 0, 2]), tm(beta, [1, 0, 2]),
+        outputs=2, num_scan_inputs=5, body=_scan_body(),
+    )
+    f.graph_op("Identity", [S_out], ["recurrent_state_out"])
+    o = f.op("CastLike", tm(o_tm, [1, 0, 2, 3]), "qkv")  # [B,T,Hv,Dv] activation dtype
+
+    # gated RMSNorm with transformers' casts
+    of = f.op("Cast", o, to=FLOAT)
+    var = f.op("ReduceMean", f.op("Mul", of, of), i64([-1]), keepdims=1)
+    eps = f.attr_const("norm_eps", onnx.AttributeProto.FLOAT)
+    normed = f.op("CastLike", f.op("Mul", of, f.op("Reciprocal", f.op("Sqrt", f.op("Add", var, eps)))), "qkv")
+    zf = f.op("Cast", "z", to=FLOAT)
+    gated = f.op("Mul", f.op("Cast", f.op("Mul", "norm_weight", normed), to=FLOAT), f.op("Mul", zf, f.op("Sigmoid", zf)))
+    y = f.op("CastLike", gated, "qkv")
+    f.graph_op("Reshape", [y, f.op("Concat", i64([0, 0]), value_dim, axis=0)], ["y"])
+    return f.build(INPUTS, OUTPUTS, ["num_k_heads", "norm_eps"])
+
+
+OP = QcnOp(OP_NAME, torch.ops.qcn.gated_deltanet.default, _schema(), _translation, function_proto)

@@ -1,0 +1,1 @@
+"""qcn::MoE: op definition (op.py) and kernels."""
