@@ -12,7 +12,8 @@ Cache key j is visible iff j < past_len[b]; new key t' is visible to query t iff
 head h reads KV head h // (Hq / KVH). Scores in the activation dtype, softmax in fp32 then back
 to the activation dtype (transformers' eager_attention_forward). The op never writes the cache:
 the graph returns k/v of the new tokens and the runtime appends them (docs/CONTRACT.md), so no
-step copies the whole cache. The decode kernel (flash-decoding) replaces this body on GPU.
+step copies the whole cache. Cache rows at or beyond past_len are never read (garbage or NaN there
+cannot leak into the output). The decode kernel (flash-decoding) replaces this body on GPU.
 """
 
 from __future__ import annotations
@@ -104,6 +105,9 @@ def function_proto(opset: int) -> onnx.FunctionProto:
     neg_inf = f.const(float("-inf"), "float32")
     masked = f.op("Where", visible, f.op("Cast", scores, to=TensorProto.FLOAT), neg_inf)
     probs = f.op("CastLike", f.op("Softmax", masked, axis=-1), "q")
+    # rows >= past_len are never read (0 * NaN would leak garbage from unused cache rows)
+    key_used = f.op("Unsqueeze", f.op("Or", past_ok, f.op("Not", in_cache)), i64([1, 3]))  # [B, 1, P+T, 1]
+    values = f.op("Where", key_used, values, f.op("CastLike", f.const(0.0, "float32"), "q"))
     ctx = f.op("MatMul", probs, f.op("Unsqueeze", values, i64([2])))  # [B, KVH, G, T, D]
     ctx = f.op("Reshape", ctx, f.op("Concat", i64([0]), Hq, n_new, D, axis=0))  # [B, Hq, T, D]
     f.graph_op("Transpose", [ctx], ["out"], perm=[0, 2, 1, 3])

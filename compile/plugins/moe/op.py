@@ -8,8 +8,10 @@ Attributes: top_k, norm_topk_prob (0/1), weight_format ("float": unquantized; th
 formats arrive with the quantization passes and are rejected until then).
 
 Router as transformers' Qwen3NextTopKRouter: logits in the activation dtype, softmax over E in
-fp32, top-k (ties: lowest index first, as torch.topk and ONNX TopK), renormalised when
-norm_topk_prob, then cast to the activation dtype. expert(x) = down(silu(gate(x)) * up(x)).
+fp32, top-k, renormalised when norm_topk_prob, then cast to the activation dtype.
+expert(x) = down(silu(gate(x)) * up(x)). Exact ties in top-k go to the lowest expert index (ONNX
+TopK's rule). OPS.md says torch.topk does the same; on CPU it does not (it returned [2, 4] for
+five equal probabilities), so the reference below uses a stable sort, not torch.topk.
 
 The function body computes every expert for every token and weights the results with a dense
 [N, E] combine matrix that is zero outside the top-k: exact, simple, and the semantics a
@@ -48,7 +50,8 @@ def moe(
     _check_format(weight_format)
     logits = x @ router_weight.T
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-    top_p, top_i = torch.topk(probs, top_k, dim=-1)
+    sorted_p, sorted_i = torch.sort(probs, dim=-1, descending=True, stable=True)
+    top_p, top_i = sorted_p[:, :top_k], sorted_i[:, :top_k]
     if norm_topk_prob:
         top_p = top_p / top_p.sum(-1, keepdim=True)
     top_p = top_p.to(x.dtype)
