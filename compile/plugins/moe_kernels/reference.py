@@ -1,0 +1,76 @@
+"""Naive PyTorch reference of qcn::MoE (OPS.md), the yardstick for the Triton kernels.
+
+Written for clarity, not speed: a per-expert loop in a chosen compute dtype (float64 by
+default). Quantized weight formats are compared against this reference run on the
+dequantized weights (see ``quant.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["route_reference", "moe_reference"]
+
+
+def route_reference(
+    x: torch.Tensor,
+    router_weight: torch.Tensor,
+    top_k: int,
+    norm_topk_prob: bool,
+    compute_dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router of qcn::MoE.
+
+    x [N, H], router_weight [E, H] -> (weights [N, top_k] compute_dtype, ids [N, top_k] int64).
+    logits = x @ router_weight^T, softmax over E (at least fp32), top-k with ties broken by the
+    lowest expert index (torch.topk order), renormalised to sum 1 when ``norm_topk_prob``.
+    """
+    cdt = compute_dtype if compute_dtype == torch.float64 else torch.float32
+    logits = x.to(cdt) @ router_weight.to(cdt).T
+    probs = torch.softmax(logits, dim=-1)
+    # stable descending sort == torch.topk order for ties (lowest index first)
+    vals, ids = torch.sort(probs, dim=-1, descending=True, stable=True)
+    vals, ids = vals[:, :top_k], ids[:, :top_k]
+    if norm_topk_prob:
+        vals = vals / vals.sum(dim=-1, keepdim=True)
+    return vals, ids
+
+
+def _mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate x) * up x); gate_up [2I, H] gate rows first, down [H, I]."""
+    inter = gate_up.shape[0] // 2
+    g = x @ gate_up[:inter].T
+    u = x @ gate_up[inter:].T
+    return (F.silu(g) * u) @ down.T
+
+
+def moe_reference(
+    x: torch.Tensor,
+    router_weight: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    shared_gate_up: torch.Tensor,
+    shared_down: torch.Tensor,
+    shared_gate: torch.Tensor,
+    top_k: int,
+    norm_topk_prob: bool = True,
+    compute_dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """y [N, H] = sum_k p_k * expert_k(x) + sigmoid(x . shared_gate) * shared_expert(x).
+
+    x [N, H]; router_weight [E, H]; gate_up [E, 2I, H] (gate rows first); down [E, H, I];
+    shared_gate_up [2Is, H]; shared_down [H, Is]; shared_gate [1, H]. All weights dense
+    (dequantize first). Returns compute_dtype.
+    """
+    cdt = compute_dtype
+    xc = x.to(cdt)
+    weights, ids = route_reference(x, router_weight, top_k, norm_topk_prob, cdt)
+    weights = weights.to(cdt)
+    y = torch.zeros_like(xc)
+    for e in torch.unique(ids).tolist():
+        tok, slot = torch.nonzero(ids == e, as_tuple=True)
+        out = _mlp(xc[tok], gate_up[e].to(cdt), down[e].to(cdt))
+        y.index_add_(0, tok, out * weights[tok, slot, None])
+    gate = torch.sigmoid(xc @ shared_gate.to(cdt).reshape(-1, 1))
+    return y + gate * _mlp(xc, shared_gate_up.to(cdt), shared_down.to(cdt))

@@ -1,0 +1,229 @@
+"""qcn::CachedAttention decode kernels (T = 1, split-KV + reduce) vs the naive reference, on
+CPU through Triton's interpreter.
+
+Fresh random inputs (seed in failure messages), odd head dims, GQA 4/2 and 3/1, cache lengths
+P in 1, 15, 63, 65, 130 with per-sequence past_len in [0, P], several splits per sequence;
+output and scratch poisoned with NaN, cache rows >= past_len filled with NaN (never read);
+batch invariance; relative-norm tolerances fp32 1e-5, bf16 1e-2. The AOT test compiles both
+kernels to PTX in a subprocess started when the module's tests start; QCN_AOT_ALL_TARGETS=1
+compiles for every target.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+
+import importlib  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from qcn.compile.plugins.attention_kernels import (  # noqa: E402
+    DecodeAttentionConfig,
+    cached_attention_decode,
+    cached_attention_reference,
+)
+from qcn.compile.plugins.attention_kernels import kernels as attn_kernels  # noqa: E402
+from qcn.compile.plugins.attention_kernels import ops as attn_ops  # noqa: E402
+
+if not type(attn_kernels._attn_decode_split_kernel).__name__.startswith("Interp"):
+    importlib.reload(attn_kernels)  # imported earlier without the interpreter
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+CFG = DecodeAttentionConfig(partition=32, block_n=16, block_s=2)  # P=130: 5 splits, 2 blocks each
+
+
+@pytest.fixture
+def seed():
+    s = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(s)
+    return s
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    def empty(shape, *, device, dtype):
+        return torch.full(shape, float("nan"), device=device, dtype=dtype)
+
+    monkeypatch.setattr(attn_ops, "_empty", empty)
+
+
+def check(out, ref, tol, msg):
+    assert torch.isfinite(out).all(), f"non-finite output ({msg})"
+    err = float((out.double() - ref.double()).norm() / ref.double().norm())
+    assert err < tol, f"relative error {err:.3g} >= {tol} ({msg})"
+
+
+def make(b, p, hq, kvh, d, dtype, past_len=None):
+    q = torch.randn(b, 1, hq, d).to(dtype)
+    k = torch.randn(b, 1, kvh, d).to(dtype)
+    v = torch.randn(b, 1, kvh, d).to(dtype)
+    pk = torch.randn(b, kvh, p, d).to(dtype)
+    pv = torch.randn(b, kvh, p, d).to(dtype)
+    if past_len is None:
+        past_len = torch.randint(0, p + 1, (b,))
+        past_len[0], past_len[-1] = p, 0  # full and empty caches always present
+    for i, n in enumerate(past_len.tolist()):  # rows >= past_len are garbage and must not be read
+        pk[i, :, n:] = float("nan")
+        pv[i, :, n:] = float("nan")
+    return q, k, v, pk, pv, past_len.to(torch.int64)
+
+
+CASES = [(torch.float32, 4, 2, 40, p) for p in (1, 15, 63, 65, 130)] + \
+        [(torch.bfloat16, 3, 1, 48, p) for p in (1, 15, 63, 65, 130)] + \
+        [(torch.float32, 3, 1, 48, 130), (torch.bfloat16, 4, 2, 40, 65)]
+
+
+@pytest.mark.parametrize("dtype,hq,kvh,d,p", CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_decode_matches_reference(seed, dtype, hq, kvh, d, p):
+    q, k, v, pk, pv, pl = make(3, p, hq, kvh, d, dtype)
+    out = torch.full_like(q, float("nan"))
+    o = cached_attention_decode(q, k, v, pk, pv, pl, out=out, config=CFG)
+    assert o is out and o.shape == q.shape and o.dtype == dtype
+    check(o, cached_attention_reference(q, k, v, pk, pv, pl), TOL[dtype], f"seed {seed}, past_len {pl.tolist()}")
+
+
+@pytest.mark.parametrize("software", [False, True], ids=["native_e4m3", "byte_decode"])
+def test_fp8_cache(seed, software):
+    q, k, v, pk, pv, pl = make(2, 65, 4, 2, 40, torch.bfloat16)
+    ks, vs = torch.tensor([0.02]), torch.tensor([0.015])
+    pk8 = (pk.float() / ks).nan_to_num(0.0).clamp(-448, 448).to(torch.float8_e4m3fn)
+    pv8 = (pv.float() / vs).nan_to_num(0.0).clamp(-448, 448).to(torch.float8_e4m3fn)
+    cfg = DecodeAttentionConfig(**{**CFG.__dict__, "fp8_software": software})
+    o = cached_attention_decode(q, k, v, pk8, pv8, pl, k_scale=ks, v_scale=vs, config=cfg)
+    ref = cached_attention_reference(q, k, v, pk8, pv8, pl, k_scale=ks, v_scale=vs)
+    check(o, ref, TOL[torch.bfloat16], f"seed {seed}")
+
+
+def test_batch_and_buffer_invariance(seed):
+    """A sequence's output is bitwise the same alone, in a batch, and with a longer cache buffer."""
+    q, k, v, pk, pv, pl = make(3, 70, 4, 2, 40, torch.bfloat16, past_len=torch.tensor([70, 33, 5]))
+    o = cached_attention_decode(q, k, v, pk, pv, pl, config=CFG)
+    for b in range(3):
+        s = slice(b, b + 1)
+        alone = cached_attention_decode(q[s], k[s], v[s], pk[s], pv[s], pl[s], config=CFG)
+        assert torch.equal(alone, o[s]), f"batch {b}, seed {seed}"
+    longer = [torch.cat([t, torch.randn(3, 2, 60, 40).to(t.dtype)], dim=2) for t in (pk, pv)]
+    o2 = cached_attention_decode(q, k, v, *longer, pl, config=CFG)
+    assert torch.equal(o2, o), f"seed {seed}"
+
+
+def test_custom_scale_and_errors(seed):
+    q, k, v, pk, pv, pl = make(2, 15, 4, 2, 40, torch.float32)
+    o = cached_attention_decode(q, k, v, pk, pv, pl, softmax_scale=0.3, config=CFG)
+    check(o, cached_attention_reference(q, k, v, pk, pv, pl, softmax_scale=0.3), TOL[torch.float32], f"seed {seed}")
+    with pytest.raises(ValueError):
+        cached_attention_decode(q.expand(2, 2, 4, 40), k, v, pk, pv, pl, config=CFG)  # T = 2
+    with pytest.raises(ValueError):
+        cached_attention_decode(q, k, v, pk.to(torch.float8_e4m3fn), pv.to(torch.float8_e4m3fn), pl, config=CFG)
+
+
+# ----------------------------------------------------------------------------- AOT
+
+_AOT_SCRIPT = r"""
+import json, sys
+from qcn.compile.plugins.attention_kernels.aot import TARGETS, attention_kernel_specs, compile_spec, verify_ptx
+names = [s.name for s in attention_kernel_specs()]
+if sys.argv[1] == "1":
+    plan = [(n, cc) for cc in TARGETS for n in names]
+else:  # one target per kernel; the fp8 split kernel on sm_80 (byte-decoding variant)
+    plan = list(zip(names, (120, 80, 89)))
+rows = []
+for name, cc in plan:
+    s = {x.name: x for x in attention_kernel_specs(cc=cc)}[name]
+    k = compile_spec(s, cc)
+    ok = verify_ptx(k.ptx, k.ptx_target)
+    rows.append(dict(spec=s.name, cc=cc, target=k.ptx_target, seconds=round(k.seconds, 2), ptxas=ok,
+                     params=k.ptx.split(".entry", 1)[1].split(")", 1)[0].count(".param"),
+                     nsig=sum(v != "constexpr" for v in s.signature.values()), smem=k.shared_mem))
+
+# TensorRT plugin plumbing against a stub of tensorrt.plugin (see test_moe_kernels.py)
+import inspect, types, typing
+REG = {}
+class TensorDesc:
+    def __init__(self, shape, dtype=None):
+        self.shape_expr, self.dtype = list(shape), dtype
+    def like(self):
+        return TensorDesc(self.shape_expr, self.dtype)
+class SymExprs: pass
+class SymIntExprs(SymExprs):
+    from_tuple = staticmethod(list)
+class KernelLaunchParams: pass
+def deco(kind):
+    return lambda pid: (lambda f: REG.setdefault(pid, {}).__setitem__(kind, f) or f)
+trt = types.ModuleType("tensorrt")
+trtp = types.ModuleType("tensorrt.plugin")
+for n in ("float32", "float16", "bfloat16", "int32", "int64", "uint8"):
+    setattr(trt, n, n)
+trt.plugin = trtp
+trtp.__dict__.update(TensorDesc=TensorDesc, SymExprs=SymExprs, SymIntExprs=SymIntExprs, SymInt32=int,
+                     KernelLaunchParams=KernelLaunchParams, cdiv=lambda a, b: -(-a // b),
+                     from_shape_expr=lambda shape, dtype: TensorDesc(shape, dtype),
+                     AutoTuneCombination=lambda types, layouts: types,
+                     register=deco("desc"), autotune=deco("autotune"), aot_impl=deco("aot"))
+sys.modules.update({"tensorrt": trt, "tensorrt.plugin": trtp})
+from qcn.compile.plugins.attention_kernels import trt_plugin as tp
+tp.register_attention_plugins(cc=89)
+B, HQ, KVH, D, P = 2, 16, 2, 256, 1000
+S = -(-P // 256)
+q, kv, cache, pl = TensorDesc((B, 1, HQ, D)), TensorDesc((B, 1, KVH, D)), TensorDesc((B, KVH, P, D)), TensorDesc((B,))
+m, acc, sc = TensorDesc((B, HQ, S)), TensorDesc((B, HQ, S, D)), TensorDesc((1,))
+calls = {"decode_split_bf16": [q, cache, cache, pl], "decode_split_fp8": [q, cache, cache, pl, sc, sc],
+         "decode_reduce": [q, kv, kv, pl, m, m, acc]}
+expect = {"decode_split_bf16": ((B * KVH, S), [P], [(B, HQ, S), (B, HQ, S), (B, HQ, S, D)]),
+          "decode_split_fp8": ((B * KVH, S), [P], [(B, HQ, S), (B, HQ, S), (B, HQ, S, D)]),
+          "decode_reduce": ((B * HQ, 1), [S * 256, S], [(B, 1, HQ, D)])}
+for pid, fns in REG.items():
+    stage = pid.split("::")[1]
+    sd, sa = inspect.signature(fns["desc"]), inspect.signature(fns["aot"])
+    assert all(p.annotation is TensorDesc for p in sd.parameters.values()), pid
+    assert list(sa.parameters) == list(sd.parameters) + ["outputs", "tactic"], pid
+    assert len(typing.get_args(sa.return_annotation)) == 4, pid
+    outs = fns["desc"](*calls[stage])
+    outs = list(outs) if isinstance(outs, tuple) else [outs]
+    name, ptx, lp, extra = fns["aot"](*calls[stage], outs, 0)  # compiles for sm_89
+    g, sc_, os_ = expect[stage]
+    assert (lp.grid_x, lp.grid_y) == g and extra == sc_ and [tuple(o.shape_expr) for o in outs] == os_, stage
+    assert ".entry " + name in ptx and lp.block_x == 128, stage
+rows.append(dict(spec="trt_plugin_stub", plugins=sorted(REG)))
+print(json.dumps(rows))
+"""
+
+_aot_proc = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _aot_background(request):
+    if any(item.name == "test_aot_ptx_compiles" and item.module is request.module for item in request.session.items):
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="qcn_aot_attn_")
+        _aot_proc["p"] = subprocess.Popen(
+            [sys.executable, "-c", _AOT_SCRIPT, os.environ.get("QCN_AOT_ALL_TARGETS", "0")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    yield
+    p = _aot_proc.pop("p", None)
+    if p is not None and p.poll() is None:
+        p.kill()
+
+
+def test_aot_ptx_compiles(record_property):
+    p = _aot_proc.get("p")
+    assert p is not None
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-4000:]
+    rows = json.loads(out.strip().splitlines()[-1])
+    stub = rows.pop()
+    assert stub["spec"] == "trt_plugin_stub" and len(stub["plugins"]) == 3, stub
+    assert {r["spec"] for r in rows} >= {"attn_decode_split_bf16_kvbf16", "attn_decode_split_bf16_kvfp8",
+                                         "attn_decode_reduce_bf16"}
+    for r in rows:
+        assert r["params"] == r["nsig"], r
+    record_property("aot", rows)
+    print("\n" + "\n".join(f"{r['spec']:32s} sm{r['cc']:<4d} {r['target']:8s} {r['seconds']:5.2f}s "
+                           f"ptxas={r['ptxas']} smem={r['smem']}" for r in rows))
