@@ -46,8 +46,8 @@ if ARGS.dry_run:
 
 import torch  # noqa: E402
 
-from qcn.compile.plugins.attention_kernels import DecodeAttentionConfig, cached_attention_decode  # noqa: E402
-from qcn.compile.plugins.moe_kernels import (  # noqa: E402
+from qcn.compile.plugins.attention import DecodeAttentionConfig, cached_attention_decode  # noqa: E402
+from qcn.compile.plugins.moe import (  # noqa: E402
     MoEConfig,
     dequantize_fp8_rowwise,
     dequantize_int4_groupwise,

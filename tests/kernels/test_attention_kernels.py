@@ -24,13 +24,13 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from qcn.compile.plugins.attention_kernels import (  # noqa: E402
+from qcn.compile.plugins.attention import (  # noqa: E402
     DecodeAttentionConfig,
     cached_attention_decode,
     cached_attention_reference,
 )
-from qcn.compile.plugins.attention_kernels import kernels as attn_kernels  # noqa: E402
-from qcn.compile.plugins.attention_kernels import ops as attn_ops  # noqa: E402
+from qcn.compile.plugins.attention import kernels as attn_kernels  # noqa: E402
+from qcn.compile.plugins.attention import ops as attn_ops  # noqa: E402
 
 if not type(attn_kernels._attn_decode_split_kernel).__name__.startswith("Interp"):
     importlib.reload(attn_kernels)  # imported earlier without the interpreter
@@ -128,7 +128,7 @@ def test_custom_scale_and_errors(seed):
 
 _AOT_SCRIPT = r"""
 import json, sys
-from qcn.compile.plugins.attention_kernels.aot import TARGETS, attention_kernel_specs, compile_spec, verify_ptx
+from qcn.compile.plugins.attention.aot import TARGETS, attention_kernel_specs, compile_spec, verify_ptx
 names = [s.name for s in attention_kernel_specs()]
 if sys.argv[1] == "1":
     plan = [(n, cc) for cc in TARGETS for n in names]
@@ -168,7 +168,7 @@ trtp.__dict__.update(TensorDesc=TensorDesc, SymExprs=SymExprs, SymIntExprs=SymIn
                      AutoTuneCombination=lambda types, layouts: types,
                      register=deco("desc"), autotune=deco("autotune"), aot_impl=deco("aot"))
 sys.modules.update({"tensorrt": trt, "tensorrt.plugin": trtp})
-from qcn.compile.plugins.attention_kernels import trt_plugin as tp
+from qcn.compile.plugins.attention import trt_plugin as tp
 tp.register_attention_plugins(cc=89)
 B, HQ, KVH, D, P = 2, 16, 2, 256, 1000
 S = -(-P // 256)

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from qcn.compile.plugins.moe_kernels import (  # noqa: E402
+from qcn.compile.plugins.moe import (  # noqa: E402
     MoEConfig,
     dequantize_int4_groupwise,
     moe_forward,
@@ -36,8 +36,8 @@ from qcn.compile.plugins.moe_kernels import (  # noqa: E402
     route_reference,
     unpack_int4,
 )
-from qcn.compile.plugins.moe_kernels import kernels as moe_kernels  # noqa: E402
-from qcn.compile.plugins.moe_kernels import ops as moe_ops  # noqa: E402
+from qcn.compile.plugins.moe import kernels as moe_kernels  # noqa: E402
+from qcn.compile.plugins.moe import ops as moe_ops  # noqa: E402
 
 if not type(moe_kernels._router_logits_kernel).__name__.startswith("Interp"):
     # imported earlier without the interpreter: reload so the kernels run on CPU tensors
@@ -221,7 +221,7 @@ def test_rejects_bad_input():
 
 _AOT_SCRIPT = r"""
 import json, sys, time
-from qcn.compile.plugins.moe_kernels.aot import TARGETS, moe_kernel_specs, compile_spec, verify_ptx
+from qcn.compile.plugins.moe.aot import TARGETS, moe_kernel_specs, compile_spec, verify_ptx
 if sys.argv[1] == "1":
     plan = [(s.name, cc) for cc in TARGETS for s in moe_kernel_specs(cc=cc)]
 else:  # every kernel function once; all targets, all formats, fp8 native (sm_89) and byte-decoded (sm_80)
@@ -244,7 +244,7 @@ for name, cc in plan:
 # follow the QDP rules, output descs / grids / int32 scalars evaluate on concrete shapes, and
 # one plugin's aot_impl returns real PTX.
 import inspect, types, typing
-from qcn.compile.plugins.moe_kernels import aot as aot_mod
+from qcn.compile.plugins.moe import aot as aot_mod
 REG = {}
 class TensorDesc:
     def __init__(self, shape, dtype=None):
@@ -268,7 +268,7 @@ trtp.__dict__.update(TensorDesc=TensorDesc, SymExprs=SymExprs, SymIntExprs=SymIn
                      AutoTuneCombination=lambda types, layouts: types,
                      register=deco("desc"), autotune=deco("autotune"), aot_impl=deco("aot"))
 sys.modules.update({"tensorrt": trt, "tensorrt.plugin": trtp})
-from qcn.compile.plugins.moe_kernels import trt_plugin as tp
+from qcn.compile.plugins.moe import trt_plugin as tp
 real_compile = tp.compile_spec
 tp.compile_spec = lambda spec, cc: types.SimpleNamespace(kernel_name="k", ptx="", num_warps=4, shared_mem=0)
 tp.register_moe_plugins(cc=89)

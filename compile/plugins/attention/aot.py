@@ -1,10 +1,10 @@
 """Ahead-of-time compilation of the decode-attention Triton kernels to PTX, no GPU needed.
 
-Same machinery as ``moe_kernels/aot.py`` (imported from there: KernelSpec, compile_spec,
+Same machinery as ``moe/aot.py`` (imported from there: KernelSpec, compile_spec,
 verify_ptx, strip_scratch_params): ``triton.compile(ASTSource(...), target=GPUTarget("cuda",
 cc, 32))`` for cc in 80, 89, 90 (-> sm_90a), 120 (-> sm_120a); run without TRITON_INTERPRET.
 
-CLI: ``python -m qcn.compile.plugins.attention_kernels.aot --out DIR [--targets 80,89,90,120]
+CLI: ``python -m qcn.compile.plugins.attention.aot --out DIR [--targets 80,89,90,120]
 [--cache bf16,fp8]``.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..moe_kernels.aot import TARGETS, AOTKernel, KernelSpec, compile_all, compile_spec, verify_ptx, write_outputs
+from ..moe.aot import TARGETS, AOTKernel, KernelSpec, compile_all, compile_spec, verify_ptx, write_outputs
 
 __all__ = ["TARGETS", "AOTKernel", "KernelSpec", "compile_spec", "verify_ptx", "attention_kernel_specs", "main"]
 

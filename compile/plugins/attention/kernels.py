@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 # Triton 3.9 interpreter defects, worked around only under TRITON_INTERPRET=1 (see
-# moe_kernels/kernels.py): bf16 tl.dot operands are widened to fp32 (exact, same arithmetic
+# moe/kernels.py): bf16 tl.dot operands are widened to fp32 (exact, same arithmetic
 # as a bf16 MMA with fp32 accumulation) and fp32 -> bf16 casts are rounded to nearest even.
 _INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 _LOG2E = tl.constexpr(1.4426950408889634)

@@ -14,7 +14,7 @@ need neither (checked: both sizes are 0), and ``strip_scratch=True`` deletes the
 parameters from the PTX entry so the PTX parameter list is exactly what TensorRT passes.
 ``verify_ptx`` assembles the PTX with the ptxas that ships with Triton.
 
-CLI: ``python -m qcn.compile.plugins.moe_kernels.aot --out DIR [--targets 80,89,90,120]
+CLI: ``python -m qcn.compile.plugins.moe.aot --out DIR [--targets 80,89,90,120]
 [--formats dense,fp8,int4]`` writes ``<spec>.sm<cc>.ptx`` and ``aot_manifest.json``
 (kernel name, warps, shared memory, compile seconds).
 """
