@@ -8,38 +8,65 @@ import sys
 from pathlib import Path
 
 from .export.config import CheckpointError
-from .recipe import RecipeError, load_recipe
+from .recipe import RecipeError, describe_targets, load_recipe
+
+STAGES = ("export", "passes", "build")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qcn-compile",
-        description="Compile a Qwen3-Next (Qwen3-Coder-Next) HF checkpoint into an artifact directory "
-                    "(ONNX graphs + manifest.json) as a YAML recipe says.")
-    p.add_argument("recipe", type=Path, help="YAML recipe, e.g. recipes/tiny_cpu.yaml (the embedded CPU default)")
+        description="Compile a Qwen3-Next (Qwen3-Coder-Next) HF checkpoint as a YAML recipe says: "
+                    "export (ONNX) -> passes -> build (TensorRT engine, GPU targets).")
+    p.add_argument("recipe", type=Path, nargs="?",
+                   help="YAML recipe, e.g. recipes/tiny_cpu.yaml (the embedded CPU default) or recipes/h100_fp8.yaml")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="HF checkpoint directory; overrides the recipe's `checkpoint`")
     p.add_argument("--out", type=Path, default=None, help="artifact directory; overrides the recipe's `output`")
+    p.add_argument("--until", choices=STAGES, default="build",
+                   help="last stage to run (default: build; the cpu target stops after export)")
+    p.add_argument("--force", action="store_true", help="redo every stage even when its inputs did not change")
+    p.add_argument("--check", action="store_true",
+                   help="only validate the recipe: print the memory budget and every problem, build nothing")
+    p.add_argument("--targets", action="store_true", help="print the target table and exit")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.targets:
+        print(describe_targets())
+        return 0
+    if args.recipe is None:
+        parser.error("the recipe argument is required (or --targets)")
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
-    from .pipeline import compile_recipe  # heavy imports (torch, onnx) after argument parsing
+    # heavy imports (torch, onnx, TensorRT) after argument parsing
+    from .build.preflight import PreflightError, preflight
+    from .build.trt import BuildError
+    from .pipeline import run_pipeline
 
     try:
         recipe = load_recipe(args.recipe, checkpoint=args.checkpoint, output=args.out)
-        out = compile_recipe(recipe, progress=not args.quiet)
-    except (RecipeError, CheckpointError, FileNotFoundError) as e:
+        report = preflight(recipe, check_module=args.check or args.until == "build")
+        if recipe.target_info.is_gpu or args.check:
+            print(report.text(), file=sys.stderr if not args.check else sys.stdout)
+        if args.check:
+            return 0 if report.ok else 2
+        if report.problems:
+            raise PreflightError("recipe cannot be built: " + "; ".join(report.problems), report)
+        result = run_pipeline(recipe, until=args.until, force=args.force, progress=not args.quiet,
+                              preflight_report=report)
+    except (RecipeError, CheckpointError, FileNotFoundError, BuildError) as e:
         print(f"qcn-compile: error: {e}", file=sys.stderr)
         return 2
-    print(f"qcn-compile: wrote {out} (recipe {recipe.name})")
+    done = ", ".join([f"{s} (ran)" for s in result.ran] + [f"{s} (up to date)" for s in result.skipped])
+    print(f"qcn-compile: wrote {result.output} (recipe {recipe.name}; {done})")
     return 0
 
 

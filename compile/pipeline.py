@@ -1,10 +1,17 @@
-"""The compile pipeline: recipe -> validated checkpoint -> ONNX artifact with its manifest."""
+"""The compile pipeline: recipe -> export (ONNX) -> passes -> build (TensorRT engine).
+
+Stage directories: for the cpu target the export directory *is* the artifact (`recipe.output`).
+For GPU targets export and passes go to `<output>.stages/{export,passes}` and the build writes
+`recipe.output`. Each stage's manifest records `inputs_sha256`; `run_pipeline` skips a stage
+whose directory is whole and whose inputs did not change."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
+import os
 import shutil
 from importlib import metadata
 from pathlib import Path
@@ -71,8 +78,10 @@ def check_recipe_against_model(recipe: Recipe, cfg: ModelConfig) -> None:
                           f"max_position_embeddings {cfg.max_position_embeddings}")
 
 
-def compile_recipe(recipe: Recipe, *, progress: bool = False) -> Path:
-    """Run the export stage of `recipe`; returns the artifact directory."""
+def compile_recipe(recipe: Recipe, *, progress: bool = False, out: Path | None = None,
+                   inputs_sha256: str | None = None) -> Path:
+    """Run the export stage of `recipe` into `out` (default `recipe.output`); returns it."""
+    out = Path(out) if out is not None else Path(recipe.output)
     ckpt_dir = Path(recipe.checkpoint)
     cfg = load_model_config(ckpt_dir)
     checkpoint = open_checkpoint(ckpt_dir)
@@ -84,7 +93,7 @@ def compile_recipe(recipe: Recipe, *, progress: bool = False) -> Path:
     rope = rope_tables(cfg)
     act = recipe.export.activation_dtype
 
-    with atomic_dir(recipe.output) as tmp:
+    with atomic_dir(out) as tmp:
         paths = export_graphs(cfg, checkpoint, rope, tmp, activation_dtype=act, logits=recipe.export.logits,
                               opset=recipe.export.opset, progress=progress)
         for f in tokenizer["files"]:
@@ -116,6 +125,128 @@ def compile_recipe(recipe: Recipe, *, progress: bool = False) -> Path:
                        "shape": list(s.shape), "dtype": s.dtype} for s in state_layout(cfg, act)],
             "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()},
         }
+        if inputs_sha256:
+            manifest["inputs_sha256"] = inputs_sha256
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    log.info("wrote %s", recipe.output)
-    return Path(recipe.output)
+    log.info("wrote %s", out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# stages
+
+STAGES = ("export", "passes", "build")
+PASSES: tuple[str, ...] = ()  # graph passes run by the passes stage (none exist yet)
+
+
+def stage_dirs(recipe: Recipe) -> dict[str, Path]:
+    out = Path(recipe.output)
+    if not recipe.target_info.is_gpu:
+        return {"export": out}
+    work = out.with_name(out.name + ".stages")
+    return {"export": work / "export", "passes": work / "passes", "build": out}
+
+
+def checkpoint_fingerprint(ckpt_dir: Path) -> dict:
+    """config.json and index hashes, shard names and sizes (a shard rewritten in place with the
+    same size is not noticed: use --force)."""
+    ckpt_dir = Path(ckpt_dir)
+    out = {"config": sha256_file(ckpt_dir / "config.json") if (ckpt_dir / "config.json").is_file() else None}
+    index = ckpt_dir / "model.safetensors.index.json"
+    out["index"] = sha256_file(index) if index.is_file() else None
+    out["shards"] = sorted((p.name, p.stat().st_size) for p in ckpt_dir.glob("*.safetensors"))
+    return out
+
+
+def export_inputs(recipe: Recipe) -> str:
+    d = recipe.to_dict()
+    for k in ("source", "output", "build", "model_config", "checkpoint"):
+        d.pop(k, None)
+    return sha256_json({"recipe": d, "checkpoint": checkpoint_fingerprint(recipe.checkpoint),
+                        "qcn": _version("qcn"), "tools": {p: _version(p) for p in ("torch", "onnx", "onnxscript")}})
+
+
+def _manifest(d: Path) -> dict | None:
+    try:
+        return json.loads((Path(d) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def up_to_date(d: Path, inputs_sha256: str) -> bool:
+    """The stage directory exists, was made from these inputs and its files are unchanged."""
+    m = _manifest(d)
+    if not m or m.get("inputs_sha256") != inputs_sha256:
+        return False
+    for rel, digest in m.get("files", {}).items():
+        p = Path(d) / rel
+        if not p.is_file() or sha256_file(p) != digest:
+            log.warning("%s: %s changed since it was written; redoing the stage", d, rel)
+            return False
+    return True
+
+
+def passes_stage(recipe: Recipe, export_dir: Path, out: Path, inputs_sha256: str) -> Path:
+    """Runs PASSES (none yet) over the export directory: today its files are linked as they are."""
+    src = _manifest(export_dir)
+    with atomic_dir(out) as tmp:
+        for rel in src["files"]:
+            try:
+                os.link(Path(export_dir) / rel, tmp / rel)
+            except OSError:
+                shutil.copyfile(Path(export_dir) / rel, tmp / rel)
+        m = dict(src, stage="passes", passes=list(PASSES), inputs_sha256=inputs_sha256)
+        (tmp / "manifest.json").write_text(json.dumps(m, indent=2) + "\n")
+    return out
+
+
+@dataclasses.dataclass
+class PipelineResult:
+    output: Path  # the last stage's directory
+    dirs: dict[str, Path]
+    ran: list[str]
+    skipped: list[str]
+    preflight: object | None = None
+
+
+def run_pipeline(recipe: Recipe, *, until: str = "build", force: bool = False, progress: bool = False,
+                 preflight_report=None) -> PipelineResult:
+    """Run the recipe's stages up to `until`, skipping up-to-date ones (unless `force`).
+    GPU recipes are preflighted (budget, passes, TensorRT module) before any stage runs."""
+    if until not in STAGES:
+        raise RecipeError(f"--until {until!r}: choose one of {list(STAGES)}")
+    dirs = stage_dirs(recipe)
+    report = preflight_report
+    if report is None:
+        from .build.preflight import check
+
+        report = check(recipe, check_module=until == "build")
+    stages = [s for s in STAGES[: STAGES.index(until) + 1] if s in dirs]
+    ran, skipped = [], []
+    prev = None
+    for stage in stages:
+        if stage == "export":
+            key = export_inputs(recipe)
+        else:
+            m = _manifest(dirs[prev])
+            extra = {"passes": list(PASSES), "quantization": dataclasses.asdict(recipe.quantization)} if stage == "passes" \
+                else {"recipe": {k: v for k, v in recipe.to_dict().items() if k not in ("source", "output", "checkpoint")},
+                      "module_version": getattr(report, "module_version", None)}
+            key = sha256_json({"input_files": m["files"] if m else None, **extra})
+        if not force and up_to_date(dirs[stage], key):
+            log.info("stage %s: up to date (%s)", stage, dirs[stage])
+            skipped.append(stage)
+        else:
+            if stage == "export":
+                compile_recipe(recipe, progress=progress, out=dirs[stage], inputs_sha256=key)
+            elif stage == "passes":
+                passes_stage(recipe, dirs[prev], dirs[stage], key)
+            else:
+                from .build.stage import build_stage
+
+                budget = report.budget.to_dict() if getattr(report, "budget", None) else None
+                build_stage(recipe, dirs[prev], dirs[stage], module_version=getattr(report, "module_version", None),
+                            inputs_sha256=key, budget=budget)
+            ran.append(stage)
+        prev = stage
+    return PipelineResult(output=dirs[stages[-1]], dirs=dirs, ran=ran, skipped=skipped, preflight=report)

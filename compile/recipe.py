@@ -14,11 +14,79 @@ from typing import Any
 
 import yaml
 
-TARGETS = ("cpu",)  # GPU targets arrive with the TensorRT build stage
-BACKENDS = {"cpu": ("onnxruntime",)}
 ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
 LOGITS_MODES = ("last", "all")
 OPSETS = (23,)
+WEIGHT_PRECISIONS = ("none", "fp8", "int4", "fp4")  # "none": stored in the activation dtype
+KV_PRECISIONS = ("activation", "fp8")  # "activation": the KV cache has the activation dtype
+# Compute capabilities tensorrt_rtx 1.7.1 can build for (its ComputeCapability enum, measured).
+RTX_COMPUTE_CAPABILITIES = ("7.5", "8.0", "8.6", "8.9", "12.0", "12.1")
+HARDWARE_COMPATIBILITY = ("none", "ampere_plus", "same_compute_capability")  # full TensorRT only
+PROFILE_MODES = ("single", "split")
+MODULES = ("onnxruntime", "tensorrt", "tensorrt_rtx")
+
+
+def _cc(cc: str) -> tuple[int, int]:
+    major, minor = cc.split(".")
+    return int(major), int(minor)
+
+
+def precisions_for(cc: str | None) -> tuple[str, ...]:
+    """Weight / KV precisions a compute capability can run: FP8 needs SM89+, FP4 SM100+
+    (FINDINGS: FP4 Q/DQ builds only for SM120 with tensorrt_rtx), INT4 weight-only
+    (blockwise DequantizeLinear) builds for SM80 and up."""
+    if cc is None:  # CPU: onnxruntime runs Q/DQ of every kind, but there is no pass to make it
+        return ("none", "fp8", "int4")
+    v = _cc(cc)
+    out = ["none"]
+    if v >= (8, 9):
+        out.append("fp8")
+    if v >= (8, 0):
+        out.append("int4")
+    if v >= (10, 0):
+        out.append("fp4")
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One row of the target table: what a recipe's `target:` names."""
+
+    name: str
+    module: str  # onnxruntime | tensorrt (full TensorRT) | tensorrt_rtx
+    compute_capability: str | None  # "9.0"; None for cpu
+    memory_gib: float | None  # one GPU's memory as the driver reports it (GiB); None for cpu
+    reserved_gib: float = 0.0  # memory the GPU cannot give us (unified memory: the OS)
+    note: str = ""
+
+    @property
+    def backend(self) -> str:
+        """The runtime backend name that engines of this target are run with."""
+        return "onnxruntime" if self.module == "onnxruntime" else "tensorrt"
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        return precisions_for(self.compute_capability)
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.module != "onnxruntime"
+
+
+TARGET_TABLE: dict[str, Target] = {t.name: t for t in (
+    Target("cpu", "onnxruntime", None, None, note="ONNX Runtime on any CPU (the export artifact itself)"),
+    Target("h100", "tensorrt", "9.0", 79.6, note="H100 SXM/PCIe 80GB (81559 MiB)"),
+    Target("h200", "tensorrt", "9.0", 139.8, note="H200 141GB (143771 MiB)"),
+    Target("a100", "tensorrt", "8.0", 79.2, note="A100 80GB (81920 MiB less ECC); no FP8 on SM80"),
+    Target("l40s", "tensorrt", "8.9", 44.5, note="L40S 48GB (46068 MiB with ECC)"),
+    Target("rtx_pro_6000", "tensorrt_rtx", "12.0", 94.97, note="RTX PRO 6000 Blackwell 96GB"),
+    Target("dgx_spark", "tensorrt_rtx", "12.1", 119.2, reserved_gib=12.0,
+           note="DGX Spark GB10: 128 GB LPDDR5X unified with the CPU; 12 GiB kept for the OS"),
+    Target("rtx_sm89", "tensorrt_rtx", "8.9", 23.5, note="Ada RTX (e.g. RTX 4090 24GB)"),
+    Target("rtx_sm120", "tensorrt_rtx", "12.0", 31.4, note="Blackwell RTX (e.g. RTX 5090 32GB)"),
+)}
+TARGETS = tuple(TARGET_TABLE)
+BACKENDS = {name: (t.backend,) for name, t in TARGET_TABLE.items()}
 
 
 class RecipeError(ValueError):
@@ -51,6 +119,27 @@ class GenerationOptions:
 
 
 @dataclass(frozen=True)
+class QuantizationOptions:
+    """Weight and KV-cache precisions. Until the quantization passes exist (compile/passes/ is
+    empty) anything but none/activation fails preflight with a message saying so."""
+
+    weights: str = "none"  # dense projections: attention, DeltaNet, shared experts
+    experts: str = "none"  # routed experts: ~97% of Qwen3-Coder-Next's parameters
+    kv_cache: str = "activation"
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """TensorRT build settings (ignored by the cpu target, where they must stay default)."""
+
+    compute_capabilities: tuple[str, ...] = ()  # tensorrt_rtx only; () = the target's own
+    hardware_compatibility: str = "none"  # full TensorRT only
+    optimization_level: int = 3  # builder optimization level 0..5
+    workspace_gib: float = 2.0  # memory pool limit for tactics / activations
+    profiles: str | None = None  # single | split; None = split on tensorrt, single on tensorrt_rtx
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     checkpoint: Path
@@ -59,12 +148,36 @@ class Recipe:
     export: ExportOptions = field(default_factory=ExportOptions)
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     generation: GenerationOptions = field(default_factory=GenerationOptions)
+    quantization: QuantizationOptions = field(default_factory=QuantizationOptions)
+    build: BuildOptions = field(default_factory=BuildOptions)
+    model_config: Path | None = None  # dir with config.json for the budget when checkpoint is absent
     source: Path | None = None  # the YAML file it was read from
+
+    @property
+    def target_info(self) -> Target:
+        return TARGET_TABLE[self.target]
+
+    @property
+    def profile_mode(self) -> str:
+        if self.build.profiles is not None:
+            return self.build.profiles
+        return "single" if self.target_info.module == "tensorrt_rtx" else "split"
+
+    @property
+    def compute_capabilities(self) -> tuple[str, ...]:
+        """The compute capabilities engines are built for (RTX: the list; full TensorRT: the
+        target's own, i.e. the GPU the build runs on)."""
+        t = self.target_info
+        if self.build.compute_capabilities:
+            return self.build.compute_capabilities
+        return (t.compute_capability,) if t.compute_capability else ()
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["checkpoint"], d["output"] = str(self.checkpoint), str(self.output)
         d["source"] = str(self.source) if self.source else None
+        d["model_config"] = str(self.model_config) if self.model_config else None
+        d["build"]["compute_capabilities"] = list(self.build.compute_capabilities)
         return d
 
 
@@ -78,6 +191,24 @@ def _section(cls, data: Any, where: str):
     if unknown:
         raise RecipeError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
     return cls(**data)
+
+
+def _build_section(data: Any) -> BuildOptions:
+    if isinstance(data, dict) and "compute_capabilities" in data:
+        ccs = data["compute_capabilities"]
+        if not isinstance(ccs, list) or not ccs:
+            raise RecipeError(f"build.compute_capabilities: expected a non-empty list of strings from "
+                              f"{list(RTX_COMPUTE_CAPABILITIES)}, got {ccs!r}")
+        data = dict(data, compute_capabilities=tuple(str(c) for c in ccs))
+    return _section(BuildOptions, data, "build")
+
+
+def _optional_path(value: Any, where: str) -> Path | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise RecipeError(f"{where}: expected a directory path (string), got {value!r}")
+    return Path(value)
 
 
 def _choice(value, valid, where: str):
@@ -95,7 +226,11 @@ def _number(value, where: str, *, integer: bool, minimum: float, maximum: float 
 
 
 def validate(recipe: Recipe) -> Recipe:
+    """Schema and target checks that need nothing but the recipe. The checks that need the
+    checkpoint's config.json or an import (memory budget, TensorRT module, quantization passes)
+    are `qcn.compile.build.preflight`."""
     _choice(recipe.target, TARGETS, "target")
+    target = TARGET_TABLE[recipe.target]
     _choice(recipe.runtime.backend, BACKENDS[recipe.target], "runtime.backend")
     _choice(recipe.export.opset, OPSETS, "export.opset")
     _choice(recipe.export.activation_dtype, ACTIVATION_DTYPES, "export.activation_dtype")
@@ -110,6 +245,56 @@ def validate(recipe: Recipe) -> Recipe:
         _number(g.top_p, "generation.top_p", integer=False, minimum=0, maximum=1, open_min=True)
     if g.top_k is not None:
         _number(g.top_k, "generation.top_k", integer=True, minimum=0)
+    q = recipe.quantization
+    _choice(q.weights, WEIGHT_PRECISIONS, "quantization.weights")
+    _choice(q.experts, WEIGHT_PRECISIONS, "quantization.experts")
+    _choice(q.kv_cache, KV_PRECISIONS, "quantization.kv_cache")
+    b = recipe.build
+    _choice(b.hardware_compatibility, HARDWARE_COMPATIBILITY, "build.hardware_compatibility")
+    _number(b.optimization_level, "build.optimization_level", integer=True, minimum=0, maximum=5)
+    _number(b.workspace_gib, "build.workspace_gib", integer=False, minimum=0, open_min=True)
+    if b.profiles is not None:
+        _choice(b.profiles, PROFILE_MODES, "build.profiles")
+    for cc in b.compute_capabilities:
+        _choice(cc, RTX_COMPUTE_CAPABILITIES, "build.compute_capabilities")
+
+    if not target.is_gpu:
+        if recipe.build != BuildOptions():
+            raise RecipeError(f"build: target {target.name!r} runs the ONNX graphs with onnxruntime and has no build "
+                              "settings; remove the build section or choose a GPU target "
+                              f"({[n for n in TARGETS if n != 'cpu']})")
+    elif target.module == "tensorrt":
+        if b.compute_capabilities:
+            raise RecipeError(f"build.compute_capabilities: only for tensorrt_rtx targets; full TensorRT (target "
+                              f"{target.name!r}) builds for the GPU it runs on; use build.hardware_compatibility")
+    elif target.module == "tensorrt_rtx":
+        if b.hardware_compatibility != "none":
+            raise RecipeError(f"build.hardware_compatibility: only for full TensorRT targets; tensorrt_rtx target "
+                              f"{target.name!r} uses build.compute_capabilities {list(RTX_COMPUTE_CAPABILITIES)}")
+        if b.profiles == "split":
+            raise RecipeError("build.profiles: 'split' (separate prefill and decode profiles in one engine) fails to "
+                              "build with tensorrt_rtx 1.7.1 (Myelin CHECK(is_const()) whenever two profiles differ); "
+                              "use 'single'")
+        if b.compute_capabilities and target.compute_capability not in b.compute_capabilities:
+            raise RecipeError(f"build.compute_capabilities: {list(b.compute_capabilities)} must include the target's "
+                              f"own {target.compute_capability!r} ({target.name})")
+
+    # precisions the target (every compute capability it is built for) can run
+    ccs = recipe.compute_capabilities or (None,)
+    for key, value in (("quantization.weights", q.weights), ("quantization.experts", q.experts),
+                       ("quantization.kv_cache", q.kv_cache)):
+        if value in ("none", "activation"):
+            continue
+        for cc in ccs:
+            if value not in precisions_for(cc):
+                need = {"fp8": "SM89+ (Ada, Hopper, Blackwell)", "fp4": "SM100+ (Blackwell)",
+                        "int4": "SM80+"}[value]
+                ok = [n for n, t in TARGET_TABLE.items() if t.is_gpu and value in t.precisions]
+                raise RecipeError(f"{key}: {value} needs compute capability {need}, but target {target.name!r} "
+                                  f"{'is' if cc == target.compute_capability else 'is also built for'} "
+                                  f"SM{cc.replace('.', '')}; targets that can: {ok}")
+    if recipe.export.activation_dtype == "bfloat16" and any(c and _cc(c) < (8, 0) for c in ccs):
+        raise RecipeError("export.activation_dtype: bfloat16 needs SM80+; SM75 is in build.compute_capabilities")
     return recipe
 
 
@@ -132,6 +317,9 @@ def recipe_from_dict(data: Any, source: Path | None = None) -> Recipe:
             export=_section(ExportOptions, data.get("export"), "export"),
             runtime=_section(RuntimeOptions, data.get("runtime"), "runtime"),
             generation=_section(GenerationOptions, data.get("generation"), "generation"),
+            quantization=_section(QuantizationOptions, data.get("quantization"), "quantization"),
+            build=_build_section(data.get("build")),
+            model_config=_optional_path(data.get("model_config"), "model_config"),
             source=source,
         )
     except TypeError as e:  # pragma: no cover - _section checks keys first
@@ -158,3 +346,13 @@ def load_recipe(path: Path | str, *, checkpoint: Path | None = None, output: Pat
     if output is not None:
         recipe = dataclasses.replace(recipe, output=Path(output))
     return recipe
+
+
+def describe_targets() -> str:
+    """The target table as text (qcn-compile --targets)."""
+    rows = [f"{'target':<13} {'module':<13} {'SM':<5} {'GiB':>7}  precisions       note"]
+    for t in TARGET_TABLE.values():
+        sm = t.compute_capability.replace(".", "") if t.compute_capability else "-"
+        gib = f"{t.memory_gib:.1f}" if t.memory_gib else "-"
+        rows.append(f"{t.name:<13} {t.module:<13} {sm:<5} {gib:>7}  {','.join(t.precisions):<16} {t.note}")
+    return "\n".join(rows)

@@ -1,0 +1,139 @@
+"""Checks a recipe before any work: memory budget, quantization passes, TensorRT module.
+
+`qcn.compile.recipe.validate` already checked the schema and the precision against the
+target's compute capability (load time). These checks need config.json or an import.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..export.config import CheckpointError, ModelConfig, load_model_config
+from ..recipe import Recipe, RecipeError
+from .budget import Budget, compute_budget, fixes
+
+# full TensorRT >= 10.9: strongly typed networks, tensorrt.plugin with AOT Triton kernels
+MIN_TENSORRT = (10, 9)
+INSTALL = {
+    "tensorrt_rtx": "pip install tensorrt-rtx  (TensorRT for RTX 1.7+; builds CPU-only for "
+                    "SM75/80/86/89/120/121; CUDA 13 wheels)",
+    "tensorrt": "full TensorRT >= 10.9 from NVIDIA: pip install 'tensorrt>=10.9' on Linux x86_64/aarch64 with a "
+                "CUDA 12/13 driver (or the TensorRT container / tarball from developer.nvidia.com/tensorrt)",
+}
+
+
+class PreflightError(RecipeError):
+    """A recipe that cannot be built as it is; `.report` has the budget and every problem."""
+
+    def __init__(self, message: str, report: "Preflight"):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass
+class Preflight:
+    recipe: Recipe
+    config_source: Path | None = None
+    budget: Budget | None = None
+    problems: list[str] = field(default_factory=list)
+    module_version: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def text(self) -> str:
+        out = [f"recipe {self.recipe.name}: target {self.recipe.target} ({self.recipe.target_info.module})"]
+        if self.config_source:
+            out.append(f"sized from {self.config_source / 'config.json'}")
+        if self.budget:
+            out.append(self.budget.table())
+        out += [f"problem: {p}" for p in self.problems] or ["preflight: ok"]
+        return "\n".join(out)
+
+
+def model_config_for(recipe: Recipe) -> tuple[ModelConfig, Path]:
+    """The checkpoint's config.json, else the recipe's model_config (a checkpoint not yet downloaded)."""
+    for d in (recipe.checkpoint, recipe.model_config):
+        if d is not None and (Path(d) / "config.json").is_file():
+            return load_model_config(d), Path(d)
+    where = [str(Path(d) / "config.json") for d in (recipe.checkpoint, recipe.model_config) if d is not None]
+    raise RecipeError(f"no config.json to size the model with (looked at {where}); download the checkpoint "
+                      "or set model_config: to a directory with its config.json")
+
+
+def module_status(module: str) -> tuple[str | None, str | None]:
+    """(version, problem) of a TensorRT Python module, without importing CUDA-heavy parts twice."""
+    if importlib.util.find_spec(module) is None:
+        return None, f"python module {module!r} is not installed; install it: {INSTALL[module]}"
+    try:
+        mod = importlib.import_module(module)
+    except Exception as e:  # a broken install (missing libnvinfer, wrong CUDA) surfaces here
+        return None, f"python module {module!r} is installed but cannot be imported ({e}); reinstall: {INSTALL[module]}"
+    version = getattr(mod, "__version__", "0")
+    if module == "tensorrt":
+        parts = tuple(int(x) for x in version.split(".")[:2] if x.isdigit())
+        if parts < MIN_TENSORRT:
+            return version, f"tensorrt {version} is too old; qcn needs >= 10.9: {INSTALL['tensorrt']}"
+    return version, None
+
+
+def quantization_problems(recipe: Recipe) -> list[str]:
+    q = recipe.quantization
+    out = []
+    for key, value in (("weights", q.weights), ("experts", q.experts)):
+        if value != "none":
+            out.append(f"quantization.{key}: {value} needs the {value.upper()} quantization pass, which does not exist "
+                       "yet (compile/passes/ has none); qcn will not fake it: use none (the activation dtype) "
+                       "until that pass lands")
+    if q.kv_cache != "activation":
+        out.append(f"quantization.kv_cache: {q.kv_cache} needs an FP8 KV-cache pass, which does not exist yet; "
+                   "use activation")
+    return out
+
+
+def preflight(recipe: Recipe, *, cfg: ModelConfig | None = None, check_module: bool = True) -> Preflight:
+    """Every check that can fail a build before it starts. Never raises for a problem it can
+    describe: call `.raise_if_problems()` (or use `check`)."""
+    report = Preflight(recipe)
+    target = recipe.target_info
+    if not target.is_gpu:
+        report.problems += quantization_problems(recipe)
+        return report
+    if cfg is None:
+        try:
+            cfg, report.config_source = model_config_for(recipe)
+        except (RecipeError, CheckpointError) as e:
+            report.problems.append(str(e))
+    if cfg is not None:
+        if recipe.runtime.max_context > cfg.max_position_embeddings:
+            report.problems.append(f"runtime.max_context {recipe.runtime.max_context} exceeds the model's "
+                                   f"max_position_embeddings {cfg.max_position_embeddings}")
+        report.budget = compute_budget(recipe, cfg)
+        if not report.budget.fits:
+            b = report.budget
+            options = fixes(recipe, cfg)
+            msg = (f"does not fit: needs {b.total_gib:.1f} GiB on one {target.name} ({b.available_gib:.1f} GiB usable)")
+            if options:
+                msg += f"; cheapest fix: {options[0]}" + (f"; other options: {'; '.join(options[1:])}" if options[1:] else "")
+            else:
+                msg += "; nothing in this recipe's reach makes it fit on one GPU"
+            report.problems.append(msg)
+    report.problems += quantization_problems(recipe)
+    if check_module:
+        report.module_version, problem = module_status(target.module)
+        if problem:
+            report.problems.append(problem)
+    return report
+
+
+def check(recipe: Recipe, **kwargs) -> Preflight:
+    """preflight() that raises PreflightError listing every problem (budget table included)."""
+    report = preflight(recipe, **kwargs)
+    if report.problems:
+        raise PreflightError(f"recipe {recipe.name!r} cannot be built:\n  - " + "\n  - ".join(report.problems)
+                             + ("\n" + report.budget.table() if report.budget else ""), report)
+    return report

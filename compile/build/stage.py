@@ -1,0 +1,160 @@
+"""The build stage: ONNX directory (export or passes stage) -> TensorRT engine + manifest.
+
+Output directory (written atomically; the runtime loads it by its manifest):
+  manifest.json      the export manifest with stage "build", runtime.backend "tensorrt",
+                     graphs.*.file -> the engine, and a "build" section (see docs/BUILD.md)
+  model.engine       one engine for both graphs (weights stored once), built from prefill.onnx
+  model.timing_cache full TensorRT only: reused by the next build of this recipe
+  tokenizer files
+The RTX runtime cache (`model.runtime_cache`) is JIT state made on the GPU: the runtime
+backend writes it beside the engine on first use; the build only names it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from ..artifacts import atomic_dir, sha256_file, sha256_json
+from ..recipe import Recipe, RecipeError
+from . import trt as trtb
+from .engine_header import parse_header
+
+log = logging.getLogger(__name__)
+
+ENGINE = "model.engine"
+TIMING_CACHE = "model.timing_cache"
+RUNTIME_CACHE = "model.runtime_cache"
+SOURCE_GRAPH = "prefill"  # T dynamic: serves decode (T = 1) as well
+
+
+class OnnxMismatchError(RecipeError):
+    """The ONNX directory is missing, modified, or was made by a different recipe."""
+
+
+def export_identity(recipe_dict: dict) -> dict:
+    """The parts of a recipe that decide the ONNX graphs."""
+    return {"export": recipe_dict.get("export"), "quantization": recipe_dict.get("quantization")}
+
+
+def load_onnx_dir(onnx_dir: Path, recipe: Recipe) -> dict:
+    """The manifest of an export/passes directory, after checking it is whole and this recipe's."""
+    mpath = Path(onnx_dir) / "manifest.json"
+    if not mpath.is_file():
+        raise OnnxMismatchError(f"{onnx_dir}: no manifest.json; run the export stage first "
+                                f"(qcn-compile {recipe.source or 'RECIPE'} --until export)")
+    m = json.loads(mpath.read_text())
+    if m.get("stage") not in ("export", "passes"):
+        raise OnnxMismatchError(f"{mpath}: stage {m.get('stage')!r}; the build stage reads an export or passes directory")
+    graph = m["graphs"][SOURCE_GRAPH]["file"]
+    for rel, digest in m["files"].items():
+        p = Path(onnx_dir) / rel
+        if not p.is_file():
+            raise OnnxMismatchError(f"{p}: missing (listed in {mpath}); re-run the export stage")
+        if rel in (graph, "weights.bin") and sha256_file(p) != digest:
+            raise OnnxMismatchError(f"{p}: sha256 differs from {mpath}; the ONNX was modified, re-run the export stage")
+    want, have = export_identity(recipe.to_dict()), export_identity(m.get("recipe", {}))
+    if want != have:
+        raise OnnxMismatchError(f"{onnx_dir} was exported by recipe {m.get('recipe', {}).get('name')!r} with {have}; "
+                                f"recipe {recipe.name!r} needs {want}: re-export (qcn-compile --force)")
+    return m
+
+
+def check_io(network_io: dict, graph_spec: dict, where: str) -> None:
+    """The engine's network must have exactly the graph's inputs/outputs, with the same dtypes."""
+    for kind in ("inputs", "outputs"):
+        net = {t["name"]: t for t in network_io[kind]}
+        man = {t["name"]: t for t in graph_spec[kind]}
+        if list(net) != list(man):
+            raise trtb.BuildError(f"{where}: network {kind} {list(net)} differ from the manifest's {list(man)}")
+        for name, t in man.items():
+            if net[name]["dtype"] != t["dtype"]:
+                raise trtb.BuildError(f"{where}: {name!r} is {net[name]['dtype']} in the network, {t['dtype']} in the manifest")
+            if len(net[name]["shape"]) != len(t["shape"]):
+                raise trtb.BuildError(f"{where}: {name!r} has rank {len(net[name]['shape'])} in the network, "
+                                      f"{len(t['shape'])} in the manifest")
+
+
+def build_stage(recipe: Recipe, onnx_dir: Path, out: Path, *, module_version: str | None = None,
+                inputs_sha256: str | None = None, budget: dict | None = None) -> Path:
+    target = recipe.target_info
+    if not target.is_gpu:
+        raise RecipeError(f"target {target.name!r} has no build stage (onnxruntime runs the ONNX directly)")
+    src = load_onnx_dir(onnx_dir, recipe)
+    trt = trtb.import_module(target.module)
+    onnx_path = Path(onnx_dir) / src["graphs"][SOURCE_GRAPH]["file"]
+    rt = recipe.runtime
+    profiles = trtb.make_profiles(recipe.profile_mode, src["graphs"][SOURCE_GRAPH]["inputs"],
+                                  prefill_chunk=rt.prefill_chunk, max_batch=rt.max_batch, max_context=rt.max_context)
+    old_cache = Path(out) / TIMING_CACHE
+    config = trtb.CreateConfig(profiles, workspace_gib=recipe.build.workspace_gib,
+                               optimization_level=recipe.build.optimization_level,
+                               compute_capabilities=recipe.compute_capabilities if target.module == "tensorrt_rtx" else (),
+                               hardware_compatibility=recipe.build.hardware_compatibility,
+                               timing_cache=old_cache.read_bytes() if old_cache.is_file() else None)
+    network_loader = trtb.NetworkFromOnnxPath(trt, onnx_path)
+    io_box: dict = {}
+
+    def network_and_check():
+        builder, network, parser, logger = network_loader()
+        io_box["io"] = trtb.network_io(trt, network)
+        io_box["duplicate_names"] = logger.duplicate_names
+        check_io(io_box["io"], src["graphs"][SOURCE_GRAPH], str(onnx_path))
+        return builder, network, parser, logger
+
+    engine_loader = trtb.EngineBytesFromNetwork(network_and_check, config)
+    engine = engine_loader(trt)
+    header = parse_header(engine)
+    version = module_version or trt.__version__
+    if header is not None:
+        if header.size != len(engine):
+            raise trtb.BuildError(f"engine header says {header.size} bytes, the build returned {len(engine)}")
+        if not version.startswith(header.version):
+            raise trtb.BuildError(f"engine header says TensorRT-RTX {header.version}, the module is {version}")
+    log.info("built %s for %s in %.1fs (%.1f MB)", ENGINE, recipe.target, engine_loader.seconds, len(engine) / 1e6)
+
+    with atomic_dir(out) as tmp:
+        (tmp / ENGINE).write_bytes(engine)
+        cache = trtb.timing_cache_bytes(config)
+        if cache:
+            (tmp / TIMING_CACHE).write_bytes(cache)
+        for f in src["tokenizer"]["files"]:
+            shutil.copyfile(Path(onnx_dir) / f, tmp / f)
+        manifest = json.loads(json.dumps(src))
+        manifest["stage"] = "build"
+        manifest["created_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        manifest["recipe"] = recipe.to_dict()
+        manifest["recipe_sha256"] = sha256_json(manifest["recipe"])
+        manifest["runtime"]["backend"] = target.backend
+        for g in manifest["graphs"].values():
+            g["file"] = ENGINE
+        index = {g: i for i, p in enumerate(profiles) for g in p.graphs}
+        manifest["build"] = {
+            "target": target.name, "module": target.module, "module_version": version,
+            "compute_capability": target.compute_capability,
+            "compute_capabilities": list(recipe.compute_capabilities) if target.module == "tensorrt_rtx" else [],
+            "hardware_compatibility": recipe.build.hardware_compatibility if target.module == "tensorrt" else None,
+            "optimization_level": recipe.build.optimization_level, "workspace_gib": recipe.build.workspace_gib,
+            "engine": ENGINE, "engine_bytes": len(engine), "engine_sha256": sha256_file(tmp / ENGINE),
+            "engine_header": header.to_dict() if header else None,
+            "profile_mode": recipe.profile_mode,
+            "profiles": [dict(p.to_dict(), index=i) for i, p in enumerate(profiles)],
+            "graph_profile": index,
+            # read from the parsed network the engine was built from: no engine can be
+            # deserialized without a GPU (FINDINGS.md)
+            "io": io_box["io"], "io_source": "network",
+            "plugins": [],  # qcn ops are inlined from their ONNX function bodies
+            "onnx": {"graph": onnx_path.name, "sha256": src["files"][onnx_path.name],
+                     "weights_sha256": src["files"].get("weights.bin"), "stage": src["stage"]},
+            "timing_cache": TIMING_CACHE if cache else None,
+            "runtime_cache": RUNTIME_CACHE if target.module == "tensorrt_rtx" else None,
+            "build_seconds": round(engine_loader.seconds, 2),
+            "budget": budget,
+        }
+        manifest["inputs_sha256"] = inputs_sha256
+        manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return Path(out)
