@@ -33,6 +33,7 @@ class Backend(Protocol):
 # name -> "module:attribute" (lazy) or a factory callable
 _REGISTRY: dict[str, str | Callable[..., Backend]] = {
     "onnxruntime": "qcn.runtime.backends.onnxruntime:OrtBackend",
+    "tensorrt": "qcn.runtime.backends.tensorrt:TensorRTBackend",  # needs a CUDA GPU + tensorrt / tensorrt_rtx
 }
 
 
