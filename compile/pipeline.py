@@ -160,7 +160,7 @@ def checkpoint_fingerprint(ckpt_dir: Path) -> dict:
 
 def export_inputs(recipe: Recipe) -> str:
     d = recipe.to_dict()
-    for k in ("source", "output", "build", "model_config", "checkpoint"):
+    for k in ("source", "output", "build", "model_config", "checkpoint", "target"):  # not in the ONNX
         d.pop(k, None)
     return sha256_json({"recipe": d, "checkpoint": checkpoint_fingerprint(recipe.checkpoint),
                         "qcn": _version("qcn"), "tools": {p: _version(p) for p in ("torch", "onnx", "onnxscript")}})
