@@ -12,7 +12,7 @@ a GPU nor full TensorRT. What CI tests are the pure parts, which take no GPU:
     allocated once at load (state, KV cache, staging, logits).
 The classes `TensorRTBackend` (the `run(graph, feeds)` protocol of the onnxruntime backend,
 so `Session`/`generate` work unchanged) and `DeviceState` (state + KV resident on the GPU,
-ping-pong carried state, only new K/V written, CUDA-graph capture of decode) are written
+ping-pong carried state, only new K/V written; no CUDA-graph capture yet) are written
 against the TensorRT 10 / TensorRT-RTX 1.x Python API and have NOT been executed (no GPU).
 
 Never imports qcn.compile (the engine-header parser is duplicated from compile/build).
@@ -357,7 +357,9 @@ class DeviceState:
     [slots, KVH, max_context, D], a staging buffer for the new tokens' K/V that is scattered
     into the cache at past_len (only new tokens are written), input_ids/past_len/logits.
     Slots of a call must be contiguous (`slots[0] .. slots[0]+B-1`) so every binding is a view.
-    Decode calls are captured in a CUDA graph per batch size when the context allows it.
+    NOT DONE: CUDA-graph capture of decode. It needs the new-K/V scatter moved into the graph
+    (a device-side index_copy keyed by past_len) so a captured step has no host-side positions,
+    and `context.is_stream_capturable()`; neither could be tried without a GPU.
     """
 
     backend: TensorRTBackend
