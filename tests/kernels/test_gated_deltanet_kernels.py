@@ -220,7 +220,7 @@ def test_aot_ptx(kind, cc):
     secs = time.perf_counter() - t0
     print(f"\n[aot] {kind} sm_{cc}: {secs:.1f}s, {k.arch}, PTX {k.ptx_version}, shared {k.shared_mem} B, "
           f"warps {k.num_warps}, {len(k.ptx) / 1e3:.0f} kB")
-    assert k.arch == (f"sm_{cc}a" if cc == 90 else f"sm_{cc}")
+    assert k.arch in (f"sm_{cc}", f"sm_{cc}a")  # triton picks sm_90a / sm_120a itself
     assert f".entry {k.name}(" in k.ptx
     assert k.params[:10] == ("qkv_ptr", "z_ptr", "b_ptr", "a_ptr", "cw_ptr", "A_log_ptr", "dt_bias_ptr", "nw_ptr",
                              "cs_ptr", "s_ptr")

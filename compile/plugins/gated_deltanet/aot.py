@@ -14,8 +14,9 @@ dynamic shared memory ``shared_mem`` bytes. Sizes and norm_eps are compiled in.
 Triton appends two hidden pointer parameters (global and profile scratch) to every kernel;
 the GatedDeltaNet kernels use neither (checked: scratch sizes 0 and the parameters never
 read), and ``strip_hidden_params`` removes them from the PTX entry so that the parameter
-list is exactly what TensorRT passes. Targets: 80, 89, 90 (Triton emits ``.target sm_90a``
-for cc 90 on its own), 120. The PTX ISA version defaults to what the bundled ptxas
+list is exactly what TensorRT passes. Targets: 80, 89, 90, 120 (Triton emits
+``.target sm_90a`` / ``sm_120a`` for cc 90 / 120 on its own; there is no way to ask for
+"90a" explicitly, GPUTarget wants a number). The PTX ISA version defaults to what the bundled ptxas
 supports (8.8 for < 90, 9.x above), which needs a driver at least that new to JIT;
 ``ptx_version`` (e.g. 87) lowers it for older drivers.
 """
@@ -29,10 +30,13 @@ import subprocess
 import tempfile
 import time
 
-__all__ = ["TARGETS", "AotKernel", "kernel_signature", "compile_kernel", "compile_targets",
+__all__ = ["TARGETS", "SMEM_LIMIT", "AotKernel", "kernel_signature", "compile_kernel", "compile_targets",
            "strip_hidden_params", "ptxas_check"]
 
 TARGETS: tuple[int, ...] = (80, 89, 90, 120)
+# max dynamic shared memory per block (bytes) by compute capability
+SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024,
+              100: 227 * 1024, 120: 99 * 1024}
 _TYPES = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "half": "fp16",
           "fp32": "fp32", "float32": "fp32", "float": "fp32"}
 _FP32_PARAMS = ("A_log_ptr", "s_ptr", "so_ptr")
@@ -50,7 +54,8 @@ class AotKernel:
     num_warps: int       # block = 32 * num_warps threads
     ptx_version: str
     params: tuple[str, ...]  # parameters in launch order (after stripping hidden ones)
-    compile_seconds: float
+    compile_seconds: float   # including configurations rejected for shared memory
+    constexprs: dict = dataclasses.field(default_factory=dict)  # compiled-in sizes / tile config
 
 
 def _kernel_and_meta(kind: str, cfg: dict, meta_kw: dict):
@@ -59,7 +64,7 @@ def _kernel_and_meta(kind: str, cfg: dict, meta_kw: dict):
         return gdn_decode_kernel, decode_meta(*cfg.values())
     if kind == "prefill":
         from .prefill import gdn_prefill_kernel, prefill_meta
-        return gdn_prefill_kernel, prefill_meta(*cfg.values(), **meta_kw)
+        return gdn_prefill_kernel, prefill_meta(*cfg.values(), **meta_kw)  # act_dtype in meta_kw
     raise ValueError(f"unknown kernel kind {kind!r}")
 
 
@@ -147,8 +152,10 @@ def compile_kernel(kind: str, *, num_k_heads: int, num_v_heads: int, head_k_dim:
                    ptx_version: int | None = None, strip_hidden: bool = True, **meta_kw) -> AotKernel:
     """Compile the ``kind`` kernel ("decode" or "prefill") for compute capability ``target``.
 
-    ``meta_kw`` goes to ``prefill_meta`` (block_v, dot_precision, inv_precision). Works with
-    TRITON_INTERPRET=1 too (compiles in a subprocess without it).
+    ``meta_kw`` goes to ``prefill_meta`` (block_v, dot_precision, inv_precision); without
+    block_v the prefill tile configurations of ``prefill.CONFIG_FALLBACKS`` are tried in
+    order until one fits ``SMEM_LIMIT[target]``. Works with TRITON_INTERPRET=1 too
+    (compiles in a subprocess without it).
     """
     if _interpreting():
         return _compile_in_subprocess(dict(kind=kind, num_k_heads=num_k_heads, num_v_heads=num_v_heads,
@@ -160,15 +167,26 @@ def compile_kernel(kind: str, *, num_k_heads: int, num_v_heads: int, head_k_dim:
     from triton.compiler import ASTSource
 
     cfg = dict(Hk=num_k_heads, Hv=num_v_heads, Dk=head_k_dim, Dv=head_v_dim, K=conv_kernel, norm_eps=norm_eps)
-    kernel, meta = _kernel_and_meta(kind, cfg, meta_kw)
-    const = meta["constexprs"]
-    sig = kernel_signature(kernel, const, act_dtype)
-    opts = dict(num_warps=meta["num_warps"], num_stages=meta["num_stages"])
-    if ptx_version is not None:
-        opts["ptx_version"] = int(ptx_version)
+    limit = SMEM_LIMIT.get(int(target), 99 * 1024)
+    if kind == "prefill" and "block_v" not in meta_kw:
+        from .prefill import CONFIG_FALLBACKS
+        candidates = [dict(meta_kw, act_dtype=act_dtype, **fb) for fb in CONFIG_FALLBACKS]
+    else:
+        candidates = [dict(meta_kw, act_dtype=act_dtype) if kind == "prefill" else dict(meta_kw)]
     t0 = time.perf_counter()
-    ck = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const),
-                        target=GPUTarget("cuda", int(target), 32), options=opts)
+    for i, kw in enumerate(candidates):
+        kernel, meta = _kernel_and_meta(kind, cfg, kw)
+        const = meta["constexprs"]
+        sig = kernel_signature(kernel, const, act_dtype)
+        opts = dict(num_warps=meta["num_warps"], num_stages=meta["num_stages"])
+        if ptx_version is not None:
+            opts["ptx_version"] = int(ptx_version)
+        ck = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const),
+                            target=GPUTarget("cuda", int(target), 32), options=opts)
+        if ck.metadata.shared <= limit:
+            break
+        if i + 1 == len(candidates):
+            raise RuntimeError(f"{kind} kernel needs {ck.metadata.shared} B shared memory > {limit} on sm_{target}")
     secs = time.perf_counter() - t0
     md = ck.metadata
     for field in ("global_scratch_size", "profile_scratch_size"):
@@ -181,7 +199,8 @@ def compile_kernel(kind: str, *, num_k_heads: int, num_v_heads: int, head_k_dim:
     arch = re.search(r"^\.target\s+(\S+)", ptx, flags=re.M).group(1)
     version = re.search(r"^\.version\s+(\S+)", ptx, flags=re.M).group(1)
     return AotKernel(kind=kind, target=int(target), arch=arch, name=md.name, ptx=ptx, shared_mem=int(md.shared),
-                     num_warps=int(md.num_warps), ptx_version=version, params=params, compile_seconds=secs)
+                     num_warps=int(md.num_warps), ptx_version=version, params=params, compile_seconds=secs,
+                     constexprs={k: v for k, v in const.items()})
 
 
 def compile_targets(kind: str, targets=TARGETS, **cfg) -> dict[int, AotKernel]:
@@ -196,4 +215,5 @@ if __name__ == "__main__":  # python -m qcn.compile.plugins.gated_deltanet.aot [
     for kd in ("decode", "prefill"):
         for cc, k in compile_targets(kd, tg, **real).items():
             print(f"{kd:8s} sm_{cc:<4d} {k.arch:8s} ptx {k.ptx_version} {k.compile_seconds:6.1f}s "
-                  f"shared {k.shared_mem:6d} B warps {k.num_warps} ptx {len(k.ptx) / 1e3:.0f} kB", flush=True)
+                  f"shared {k.shared_mem:6d} B warps {k.num_warps} BV {k.constexprs.get('BV')} "
+                  f"ptx {len(k.ptx) / 1e3:.0f} kB", flush=True)

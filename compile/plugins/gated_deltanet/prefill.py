@@ -12,7 +12,7 @@ gates, then the WY form of the chunk:
     gc    = cumsum(g)                          (within the chunk)
     L     = strict_lower(diag(beta) K K^T * exp(gc_i - gc_j))
     Tm    = (I + L)^-1                         (exact blockwise inverse, log2(BT) doublings)
-    U     = Tm (beta * V),   W = Tm (beta * exp(gc) * K)
+    U     = Tm diag(beta) V,   W S = Tm diag(beta exp(gc)) (K S)
     Vnew  = U - W S
     O     = (exp(gc) * Q) S + lower_incl(Q K^T * exp(gc_i - gc_j)) Vnew
     S     = exp(gc_last) S + (exp(gc_last - gc) * K)^T Vnew
@@ -35,9 +35,14 @@ import triton.language as tl
 
 from .common import _rnd, _silu, _softplus, check_inputs, next_pow2
 
-__all__ = ["gdn_prefill_kernel", "prefill_meta", "launch_prefill", "gated_deltanet_prefill", "CHUNK"]
+__all__ = ["gdn_prefill_kernel", "prefill_meta", "launch_prefill", "gated_deltanet_prefill", "CHUNK",
+           "CONFIG_FALLBACKS"]
 
 CHUNK = 64
+# prefill_meta overrides tried in order when a configuration needs more shared memory than
+# the GPU has (JIT: OutOfResources; AOT: aot.SMEM_LIMIT per target)
+CONFIG_FALLBACKS: tuple[dict, ...] = ({}, {"block_v": 32}, {"block_v": 16})
+_chosen: dict = {}
 
 
 @triton.jit
@@ -161,8 +166,13 @@ def gdn_prefill_kernel(
             g_last = tl.sum(tl.where(ot == BT - 1, gc, 0.0), 0)  # padded rows carry gc forward
             decay = tl.exp(tl.where(incl, gc[:, None] - gc[None, :], 0.0))
 
-            kb = k * beta[:, None]
-            L = tl.where(strict, tl.dot(kb, tl.trans(k), input_precision=INV_PREC) * decay, 0.0)
+            # Diagonal scalings are applied to the small [BT, BT] / [BT, BV] factors rather than
+            # to q / k, so the only [BT, BK] matmul operands are q, k and k^T (less shared memory).
+            # all matmuls reading q and k (except the final state update) first: shorter live ranges
+            qS = tl.dot(q, S, input_precision=PREC)
+            kS = tl.dot(k, S, input_precision=PREC)
+            qk_dec = tl.dot(q, tl.trans(k), input_precision=PREC) * decay
+            L = tl.where(strict, beta[:, None] * tl.dot(k, tl.trans(k), input_precision=INV_PREC) * decay, 0.0)
             Tm = eye
             for lvl in tl.static_range(LOG2_BT):
                 bs = 1 << lvl
@@ -170,13 +180,13 @@ def gdn_prefill_kernel(
                              & (ot[:, None] // bs != ot[None, :] // bs), L, 0.0)
                 Tm = Tm - tl.dot(tl.dot(Tm, E, input_precision=INV_PREC), Tm, input_precision=INV_PREC)
 
-            u = tl.dot(Tm, v * beta[:, None], input_precision=INV_PREC)
-            w = tl.dot(Tm, kb * tl.exp(gc)[:, None], input_precision=INV_PREC)
-            v_new = u - tl.dot(w, S, input_precision=PREC)
-            A_qk = tl.where(incl, tl.dot(q, tl.trans(k), input_precision=PREC) * decay, 0.0)
-            o = tl.dot(q * tl.exp(gc)[:, None], S, input_precision=PREC) \
+            # U = Tm diag(beta) V ;  W S = Tm diag(beta exp(gc)) (K S)
+            u = tl.dot(Tm * beta[None, :], v, input_precision=INV_PREC)
+            v_new = u - tl.dot(Tm * (beta * tl.exp(gc))[None, :], kS, input_precision=INV_PREC)
+            A_qk = tl.where(incl, qk_dec, 0.0)
+            o = tl.exp(gc)[:, None] * qS \
                 + tl.dot(A_qk, v_new, input_precision=PREC)
-            S = S * tl.exp(g_last) + tl.dot(tl.trans(k * tl.exp(g_last - gc)[:, None]), v_new,
+            S = S * tl.exp(g_last) + tl.dot(tl.trans(k), tl.exp(g_last - gc)[:, None] * v_new,
                                             input_precision=PREC)
 
             o = _rnd(o, DT)
@@ -202,36 +212,54 @@ def gdn_prefill_kernel(
 
 
 def prefill_meta(Hk: int, Hv: int, Dk: int, Dv: int, K: int, norm_eps: float, *, block_v: int | None = None,
-                 dot_precision: str = "tf32x3", inv_precision: str | None = None) -> dict:
+                 act_dtype: str = "bf16", dot_precision: str | None = None,
+                 inv_precision: str | None = None) -> dict:
     """Constexprs and launch options of the prefill kernel for one model configuration.
 
     ``block_v``: Dv tile kept in registers (default: whole Dv up to 64). ``dot_precision``:
-    Triton ``input_precision`` of the state/output matmuls: "tf32x3" (default: tensor cores,
-    about fp32 accuracy), "tf32" (faster, ~1e-3) or "ieee" (exact fp32 FMA loops; slow to
-    compile and run at real sizes). ``inv_precision`` (default: same) is used for the UT
-    transform (K K^T, the inverse, U and W).
+    Triton ``input_precision`` of the q/k/state matmuls: "tf32x3" (tensor cores, about fp32
+    accuracy; default for fp32 activations), "tf32" (~1e-3 relative, below bf16 rounding;
+    default for 16-bit activations) or "ieee" (exact fp32 FMA loops; slow to compile and run
+    at real sizes; not for AOT). ``inv_precision`` (default "tf32x3") is used for the UT
+    transform (K K^T, the inverse, U and W S), whose errors the inverse amplifies; measured
+    at real sizes it also needs less shared memory than "tf32" (64 KiB vs 112 KiB on sm_89).
     """
+    act = str(act_dtype).replace("torch.", "")
+    default_prec = "tf32x3" if act in ("fp32", "float32", "float") else "tf32"
     BK = max(16, next_pow2(Dk))
     BDV = max(16, next_pow2(Dv))
     BV = max(16, next_pow2(block_v)) if block_v else min(BDV, 64)
     BV = min(BV, BDV)
     num_warps = 4 if BK * BV <= 64 * 64 else 8
     return dict(constexprs=dict(HK=Hk, HV=Hv, DK=Dk, DV=Dv, KC=K, BT=CHUNK, BK=BK, BV=BV, BDV=BDV,
-                                EPS=float(norm_eps), PREC=dot_precision,
-                                INV_PREC=inv_precision or dot_precision),
+                                EPS=float(norm_eps), PREC=dot_precision or default_prec,
+                                INV_PREC=inv_precision or "tf32x3"),
                 num_warps=num_warps, num_stages=1)
 
 
 def launch_prefill(qkv, z, b, a, conv_weight, A_log, dt_bias, norm_weight, conv_state, recurrent_state,
                    y, conv_state_out, recurrent_state_out, *, num_k_heads: int, norm_eps: float,
-                   block_v: int | None = None, dot_precision: str = "tf32x3"):
+                   block_v: int | None = None, dot_precision: str | None = None):
     """Launch ``gdn_prefill_kernel`` on preallocated outputs."""
     B, T, C, Hk, Hv, Dk, Dv, K = check_inputs(qkv, z, b, a, conv_weight, A_log, dt_bias, norm_weight,
                                                conv_state, recurrent_state, num_k_heads)
-    meta = prefill_meta(Hk, Hv, Dk, Dv, K, norm_eps, block_v=block_v, dot_precision=dot_precision)
-    gdn_prefill_kernel[(Hv, B)](qkv, z, b, a, conv_weight, A_log, dt_bias, norm_weight, conv_state,
-                                recurrent_state, T, y, conv_state_out, recurrent_state_out,
-                                **meta["constexprs"], num_warps=meta["num_warps"], num_stages=meta["num_stages"])
+    args = (qkv, z, b, a, conv_weight, A_log, dt_bias, norm_weight, conv_state, recurrent_state, T, y,
+            conv_state_out, recurrent_state_out)
+    key = (qkv.device.type, qkv.device.index, Hk, Hv, Dk, Dv, K, qkv.dtype, block_v, dot_precision)
+    fallbacks = CONFIG_FALLBACKS if block_v is None else ({},)
+    start = _chosen.get(key, 0)
+    for i in range(start, len(fallbacks)):
+        kw = dict(dict(block_v=block_v, dot_precision=dot_precision), **fallbacks[i])
+        meta = prefill_meta(Hk, Hv, Dk, Dv, K, norm_eps, act_dtype=qkv.dtype, **kw)
+        try:
+            gdn_prefill_kernel[(Hv, B)](*args, **meta["constexprs"], num_warps=meta["num_warps"],
+                                        num_stages=meta["num_stages"])
+        except triton.runtime.errors.OutOfResources:
+            if i + 1 == len(fallbacks):
+                raise
+            continue
+        _chosen[key] = i
+        return
 
 
 def gated_deltanet_prefill(
@@ -239,7 +267,7 @@ def gated_deltanet_prefill(
     A_log: torch.Tensor, dt_bias: torch.Tensor, norm_weight: torch.Tensor, conv_state: torch.Tensor,
     recurrent_state: torch.Tensor, *, num_k_heads: int, norm_eps: float = 1e-6,
     y: torch.Tensor | None = None, conv_state_out: torch.Tensor | None = None,
-    recurrent_state_out: torch.Tensor | None = None, block_v: int | None = None, dot_precision: str = "tf32x3",
+    recurrent_state_out: torch.Tensor | None = None, block_v: int | None = None, dot_precision: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``qcn::GatedDeltaNet`` over T >= 1 tokens, chunked (chunk 64).
 
