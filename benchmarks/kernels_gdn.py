@@ -107,21 +107,22 @@ def run_eager(inp, Hk, out):
     conv = F.silu(F.conv1d(x, inp["conv_weight"].unsqueeze(1), groups=C)).transpose(1, 2)
     q, k, v = torch.split(conv, [Hk * Dk, Hk * Dk, Hv * Dv], -1)
     q, k, v = q.reshape(B, T, Hk, Dk).float(), k.reshape(B, T, Hk, Dk).float(), v.reshape(B, T, Hv, Dv).float()
-    q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6) * Dk ** -0.5
+    q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6)  # Dk^-0.5 applied below / by transformers
     k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)
     beta = inp["b"].sigmoid().float()
     g = -inp["A_log"].exp() * F.softplus(inp["a"].float() + inp["dt_bias"].float())
     S = inp["recurrent_state"]
     if T == 1:
         rep = Hv // Hk
-        qh, kh = q[:, 0].repeat_interleave(rep, 1), k[:, 0].repeat_interleave(rep, 1)
+        qh, kh = q[:, 0].repeat_interleave(rep, 1) * Dk ** -0.5, k[:, 0].repeat_interleave(rep, 1)
         S.mul_(g[:, 0].exp()[..., None, None])
         delta = beta[:, 0, :, None] * (v[:, 0] - torch.einsum("bhk,bhkv->bhv", kh, S))
         S.add_(kh[..., None] * delta[:, :, None, :])
         o = torch.einsum("bhk,bhkv->bhv", qh, S)[:, None]
     else:
-        from transformers.models.qwen3_next.modeling_qwen3_next import torch_chunk_gated_delta_rule
-        o, S_new = torch_chunk_gated_delta_rule(q, k, v, g=g, beta=beta, initial_state=S, output_final_state=True)
+        from transformers.models.qwen3_next.modeling_qwen3_next import torch_chunk_gated_delta_rule as chunk
+        chunk = getattr(chunk, "__wrapped__", chunk)  # the torch path even when fla is installed
+        o, S_new = chunk(q, k, v, g=g, beta=beta, initial_state=S, output_final_state=True)
         S.copy_(S_new)
     o = o.float()
     o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + 1e-6)
@@ -255,7 +256,8 @@ def bench_case(shape, B, T, args, bw):
 
 
 def dry_run(args):
-    """CPU: run both kernels once at tiny shapes in the Triton interpreter and check output shapes."""
+    """CPU: run both kernels (and the eager baseline) once at tiny shapes in the Triton interpreter;
+    check output shapes, that every output is written, and that the eager baseline matches the reference."""
     import torch
     from qcn.compile.plugins.gated_deltanet import gated_deltanet_reference
     Hk, Hv, Dk, Dv, K, C = dims(TINY)
@@ -270,10 +272,12 @@ def dry_run(args):
                                    ((B, T, Hv * Dv), (B, C, K - 1), (B, Hv, Dk, Dv))):
             assert tuple(o.shape) == shp == tuple(r.shape), (name, o.shape, shp)
             assert not torch.isnan(o).any(), name
-        eo = (torch.empty(B, T, Hv * Dv), torch.empty_like(inp["conv_state"]))
-        if T == 1:
-            run_eager(make_inputs(TINY, B, T, "cpu", torch.float32), Hk, eo)
-            assert tuple(eo[0].shape) == (B, T, Hv * Dv)
+        einp = make_inputs(TINY, B, T, "cpu", torch.float32)
+        eo = (torch.empty(B, T, Hv * Dv), torch.empty_like(einp["conv_state"]))
+        run_eager(einp, Hk, eo)  # the eager baseline must compute the same op
+        for o, r in zip((eo[0], eo[1], einp["recurrent_state"]), ref):
+            err = ((o.double() - r.double()).norm() / r.double().norm()).item()
+            assert err < 1e-4, f"eager baseline disagrees with the reference: {err:.2e}"
         print(f"dry-run {'decode' if T == 1 else 'prefill'} B={B} T={T}: shapes ok; real-shape accounting: "
               f"{bytes_moved(dict(HK=HK, HV=HV, DK=DK, DV=DV, KC=KC), B, T) / 1e6:.2f} MB, "
               f"{flops(dict(HK=HK, HV=HV, DK=DK, DV=DV, KC=KC), B, T, T > 1) / 1e9:.3f} GFLOP")

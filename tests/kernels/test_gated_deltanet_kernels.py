@@ -231,3 +231,70 @@ def test_aot_ptx(kind, cc):
     assert k.shared_mem <= smem_limit
     if AOT_ALL:
         aot.ptxas_check(k.ptx, k.arch)
+
+
+# ---------------------------------------------------------------- TRT plugin glue (fake tensorrt)
+def test_trt_plugin_glue_with_fake_tensorrt(monkeypatch):
+    """Run trt_plugin's register/aot_impl against a minimal stand-in for ``tensorrt.plugin``.
+
+    Full TensorRT is not installed here; this only checks our glue (shape maths, kernel
+    choice, launch parameters, extra args), not TensorRT's behaviour.
+    """
+    import sys
+    import types
+
+    class Expr:
+        def __init__(self, v=None):
+            self.v = v
+
+        is_constant = property(lambda self: self.v is not None)
+
+        def constant_value(self):
+            return self.v
+
+        def __mul__(self, o):
+            return Expr(None if self.v is None or o.v is None else self.v * o.v)
+
+    class Desc:
+        def __init__(self, shape, dtype):
+            self.shape_expr, self.dtype = [Expr(s) for s in shape], dtype
+
+        def like(self):
+            return self
+
+        def aliased(self):
+            return self
+
+    reg = {}
+    trtp = types.ModuleType("tensorrt.plugin")
+    trtp.TensorDesc = Desc
+    for name in ("register", "autotune", "aot_impl"):
+        setattr(trtp, name, lambda pid, _n=name: (lambda fn: reg.setdefault(_n, fn)))
+    trtp.from_shape_expr = lambda shape, dtype: Desc([e.v for e in shape], dtype)
+    trtp.AutoTuneCombination = lambda s: s
+    trtp.KernelLaunchParams = types.SimpleNamespace
+    trtp.SymInt32 = lambda e: ("i32", e)
+    trtp.SymIntExprs = types.SimpleNamespace(from_tuple=lambda t: list(t))
+    trt = types.ModuleType("tensorrt")
+    trt.bfloat16, trt.float16, trt.float32 = "bf16", "fp16", "fp32"
+    trt.plugin = trtp
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setitem(sys.modules, "tensorrt.plugin", trtp)
+    monkeypatch.setenv("QCN_GDN_TARGET", "80")
+    from qcn.compile.plugins.gated_deltanet import trt_plugin
+
+    monkeypatch.setattr(trt_plugin, "_registered", False)
+    trt_plugin.register()
+    Hk, Hv, Dk, Dv, K, B = 2, 4, 32, 32, 4, 3
+    C = 2 * Hk * Dk + Hv * Dv
+    ins = [Desc((B, 1, C), "bf16"), Desc((B, 1, Hv, Dv), "bf16"), Desc((B, 1, Hv), "bf16"),
+           Desc((B, 1, Hv), "bf16"), Desc((C, K), "bf16"), Desc((Hv,), "fp32"), Desc((Hv,), "bf16"),
+           Desc((Dv,), "bf16"), Desc((B, C, K - 1), "bf16"), Desc((B, Hv, Dk, Dv), "fp32")]
+    y, cso, so = reg["register"](*ins, num_k_heads=Hk, norm_eps=1e-6)
+    assert [e.v for e in y.shape_expr] == [B, 1, Hv * Dv] and so is ins[9]
+    assert len(reg["autotune"](*ins, (y, cso, so))[0].split(",")) == 13
+    name, ptx, launch, extra = reg["aot_impl"](*ins, Hk, 1e-6, (y, cso, so), 0)
+    assert name == b"gdn_decode_kernel" and b".target sm_80" in ptx
+    assert (launch.grid_x, launch.grid_y.v, launch.block_x) == (Hv, B, 128)  # decode_meta: 4 warps here
+    assert 0 <= launch.shared_mem <= 48 * 1024
+    assert extra == [("i32", ins[0].shape_expr[1])]

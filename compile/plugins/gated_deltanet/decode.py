@@ -41,7 +41,7 @@ def _conv_step(qkv_ptr, cw_ptr, cs_ptr, cso_ptr, row_qkv, row_cs, ch, mask, WRIT
     return _rnd(_silu(_rnd(acc, DT)), DT)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def gdn_decode_kernel(
     # inputs (OPS.md order)
     qkv_ptr, z_ptr, b_ptr, a_ptr, cw_ptr, A_log_ptr, dt_bias_ptr, nw_ptr, cs_ptr, s_ptr,

@@ -72,7 +72,7 @@ def _conv_state_tail(qkv_ptr, cs_ptr, cso_ptr, base_qkv, base_cs, T, ch, mask,
                      C: tl.constexpr, KC: tl.constexpr):
     """conv_state_out[:, ch, i] = last K-1 entries of [conv_state ; qkv] along time."""
     for i in tl.static_range(KC - 1):
-        s = T.to(tl.int64) - (KC - 1) + i + ch.to(tl.int64) * 0  # per-channel vector (mask dtype)
+        s = (T - (KC - 1) + i) + ch.to(tl.int64) * 0  # per-channel int64 vector (masks need tensors)
         from_x = s >= 0
         xv = tl.load(qkv_ptr + base_qkv + s * C + ch, mask=mask & from_x, other=0.0)
         sv = tl.load(cs_ptr + base_cs + ch * (KC - 1) + (KC - 1 + s), mask=mask & (s < 0), other=0.0)
@@ -92,7 +92,7 @@ def _gated_rmsnorm_store(o, z_ptr, nw_ptr, y_ptr, row, ov, mt, mv, DV: tl.conste
     tl.store(y_ptr + row[:, None] + ov[None, :], _rnd(y, DT).to(DT), mask=m2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])  # one binary for every T (no T == 1 / T % 16 variants)
 def gdn_prefill_kernel(
     # inputs (OPS.md order)
     qkv_ptr, z_ptr, b_ptr, a_ptr, cw_ptr, A_log_ptr, dt_bias_ptr, nw_ptr, cs_ptr, s_ptr,

@@ -10,7 +10,9 @@ Use: call :func:`register` once (before parsing the ONNX); the ONNX node needs
 ``op_type="GatedDeltaNet"``, attribute ``plugin_namespace="qcn"`` and ``aot=1`` for the
 parser to pick the AOT implementation. T == 1 (constant) embeds the decode kernel,
 anything else the chunked prefill kernel. The target compute capability is the build
-GPU's (or ``QCN_GDN_TARGET``, e.g. 90). Outputs: y, conv_state_out (a separate buffer: it
+GPU's (or ``QCN_GDN_TARGET``, e.g. 90); ``QCN_GDN_PTX_VERSION`` (e.g. 84) lowers the PTX ISA
+version for drivers older than the CUDA 13 one Triton 3.9 targets by default (checked with
+ptxas: 8.4 for sm_90a, 8.7 for sm_120a, 8.0 for sm_80 assemble). Outputs: y, conv_state_out (a separate buffer: it
 must not alias conv_state), recurrent_state_out (aliased to recurrent_state: updated in
 place). Points to check on a real build: the hidden Triton scratch parameters are stripped
 from the PTX (aot.strip_hidden_params), and the prefill kernel's dynamic shared memory
@@ -81,8 +83,10 @@ def register() -> None:
         cc = _target_cc()
         if cc not in TARGETS:
             cc = max((t for t in TARGETS if t <= cc), default=TARGETS[0])
+        ptx_version = os.environ.get("QCN_GDN_PTX_VERSION")
         k = compile_kernel(kind, num_k_heads=hk, num_v_heads=hv, head_k_dim=dk, head_v_dim=dv,
-                           conv_kernel=kconv, norm_eps=float(norm_eps), act_dtype=act, target=cc)
+                           conv_kernel=kconv, norm_eps=float(norm_eps), act_dtype=act, target=cc,
+                           ptx_version=int(ptx_version) if ptx_version else None)
 
         launch = trtp.KernelLaunchParams()
         launch.grid_x = hv
