@@ -58,9 +58,11 @@ def _tokenizer_section(ckpt_dir: Path, cfg: ModelConfig) -> tuple[dict, dict]:
     eos = gen.get("eos_token_id", list(cfg.eos_token_id))
     eos = [eos] if isinstance(eos, int) else list(eos)
     tok_cfg = json.loads((ckpt_dir / "tokenizer_config.json").read_text()) if "tokenizer_config.json" in files else {}
+    added = json.loads((ckpt_dir / "tokenizer.json").read_text()).get("added_tokens", [])
     section = {"files": files, "eos_token_ids": eos, "bos_token_id": cfg.bos_token_id,
                "pad_token_id": gen.get("pad_token_id", cfg.pad_token_id),
-               "chat_template": bool(tok_cfg.get("chat_template"))}
+               "chat_template": bool(tok_cfg.get("chat_template")),
+               "special_tokens": {t["content"]: t["id"] for t in added if t.get("special")}}
     return section, gen
 
 

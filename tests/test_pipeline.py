@@ -54,6 +54,9 @@ def test_manifest_describes_the_artifact(artifact, sharded_ckpt):
         assert sha256_file(artifact / name) == digest
     assert m["checkpoint"]["mtp_tensors"] and all(t.startswith("mtp.") for t in m["checkpoint"]["mtp_tensors"])
     assert m["generation"] == {"temperature": 1.0, "top_p": 0.95, "top_k": 40}
+    special = m["tokenizer"]["special_tokens"]
+    assert {"<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "<|fim_prefix|>"} <= set(special)
+    assert special["<|im_end|>"] in m["tokenizer"]["eos_token_ids"]
     cfg = json.loads((sharded_ckpt / "config.json").read_text())
     assert len(m["state"]) == 2 * cfg["num_hidden_layers"]
     for graph in ("prefill", "decode"):
