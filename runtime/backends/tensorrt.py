@@ -12,8 +12,10 @@ a GPU nor full TensorRT. What CI tests are the pure parts, which take no GPU:
     allocated once at load (state, KV cache, staging, logits).
 The classes `TensorRTBackend` (the `run(graph, feeds)` protocol of the onnxruntime backend,
 so `Session`/`generate` work unchanged) and `DeviceState` (state + KV resident on the GPU,
-ping-pong carried state, only new K/V written; no CUDA-graph capture yet) are written
-against the TensorRT 10 / TensorRT-RTX 1.x Python API and have NOT been executed (no GPU).
+ping-pong carried state, only new K/V written by the device-side scatter `append_kv`, CUDA-graph
+capture of decode) are written against the TensorRT 10 / TensorRT-RTX 1.x Python API and have
+NOT been executed (no GPU): neither captured decode nor append_kv on a GPU has ever run;
+append_kv's scatter logic is tested on CPU tensors.
 
 Never imports qcn.compile (the engine-header parser is duplicated from compile/build).
 """
@@ -36,7 +38,7 @@ from ..errors import ArtifactError, BackendError
 from ..manifest import Manifest, numpy_dtype
 
 __all__ = ["EngineInfo", "verify_engine", "select_profile", "check_profile", "binding_plan", "buffer_sizes",
-           "TensorRTBackend", "DeviceState", "parse_engine_header"]
+           "TensorRTBackend", "DeviceState", "append_kv", "parse_engine_header"]
 
 log = logging.getLogger(__name__)
 
@@ -348,31 +350,55 @@ class TensorRTBackend:
         self._buffers.clear()
 
 
+def append_kv(cache, new, first_slot: int, past_len) -> None:
+    """Write the new tokens' K/V into the cache, on the device: cache[first_slot + j, :, past_len[j] + t]
+    = new[j, :, t] for cache [slots, KVH, max_ctx, D], new [B, KVH, T, D], past_len [B] int64 on
+    cache's device. Only tensor ops (one scatter_ into the B slots' view; indices from past_len and
+    an arange): no host sync, no per-sequence loop, no whole-cache copy, so it can be captured in a
+    CUDA graph. The caller guarantees past_len[j] + T <= max_ctx (DeviceState.step checks it on the
+    host). Tested on CPU tensors (tests/test_trt_device_state.py); its GPU path has NOT been executed."""
+    import torch
+
+    b, h, t, d = new.shape
+    pos = past_len.view(b, 1) + torch.arange(t, device=past_len.device, dtype=past_len.dtype)  # [B, T]
+    cache[first_slot: first_slot + b].scatter_(2, pos.view(b, 1, t, 1).expand(b, h, t, d), new)
+
+
 @dataclass
 class DeviceState:
-    """State and KV cache resident on the GPU (NEEDS A GPU; not executed in CI).
+    """State and KV cache resident on the GPU (NEEDS A GPU; NOT executed: no GPU here).
 
     Allocated once (`buffer_sizes`): carried states twice (ping-pong: the graph reads one copy
     and writes the other, the roles swap after each call: no copy), KV caches
-    [slots, KVH, max_context, D], a staging buffer for the new tokens' K/V that is scattered
-    into the cache at past_len (only new tokens are written), input_ids/past_len/logits.
-    Slots of a call must be contiguous (`slots[0] .. slots[0]+B-1`) so every binding is a view.
-    NOT DONE: CUDA-graph capture of decode. It needs the new-K/V scatter moved into the graph
-    (a device-side index_copy keyed by past_len) so a captured step has no host-side positions,
-    and `context.is_stream_capturable()`; neither could be tried without a GPU.
+    [slots, KVH, max_context, D], a staging buffer for the new tokens' K/V that `append_kv`
+    scatters into the cache at past_len on the device (only new tokens are written),
+    input_ids/past_len/logits. Slots of a call must be contiguous (`slots[0] .. slots[0]+B-1`)
+    so every binding is a view. The host Session owns past_len and passes it to every step.
+
+    CUDA graphs (`cuda_graphs=True`): a decode step (T = 1) is captured once per (batch,
+    first_slot, ping-pong parity) -- the three things that change its bindings' addresses --
+    right after the eager call that computes that step with the same bindings (TensorRT: enqueue
+    once after setting shapes, then capture), on the backend's non-default stream:
+    execute_async_v3 + append_kv.
+    A replay copies the host input_ids/past_len into the static buffers the graph is bound to and
+    calls graph.replay(). TensorRT-RTX contexts are asked `is_stream_capturable` first (an engine
+    built without kREQUIRE_USER_ALLOCATION is not); a refused or failed capture logs a warning and
+    turns graphs off for this DeviceState (eager from then on). The captured graph assumes the
+    context's device memory does not move (default STATIC allocation strategy).
+    NOT EXECUTED: captured decode and append_kv's GPU path have never run (no GPU); append_kv's
+    logic is tested on CPU tensors, the capture/replay control flow is not tested.
     """
 
     backend: TensorRTBackend
     cuda_graphs: bool = True
     buffers: dict = field(default_factory=dict)
-    _flip: dict = field(default_factory=dict)
+    _parity: bool = False  # False: carried states read '.a', write '.b'; True: the reverse
     _graphs: dict = field(default_factory=dict)
 
     def __post_init__(self):
         torch, m = self.backend.torch, self.backend.manifest
         for name, nbytes in buffer_sizes(m).items():
             self.buffers[name] = torch.zeros(nbytes, dtype=torch.uint8, device=self.backend.device)
-        self._flip = {s.input: False for s in m.carried_states}
 
     def _view(self, buffer: str, shape, dtype: str):
         torch = self.backend.torch
@@ -383,35 +409,82 @@ class DeviceState:
         be, m, torch = self.backend, self.backend.manifest, self.backend.torch
         batch, tokens = input_ids.shape
         ctx = m.model.max_context
-        plan = binding_plan(m, graph, batch=batch, tokens=tokens, past=ctx)
-        check_profile(select_profile(be.info, graph), {b.name: b.shape for b in plan if b.role not in ("logits", "state_out", "cache_new")})
-        sl = slice(first_slot, first_slot + batch)
+        if first_slot < 0 or first_slot + batch > m.runtime.max_batch:
+            raise BackendError(f"slots {first_slot}..{first_slot + batch - 1} outside 0..{m.runtime.max_batch - 1}")
+        if len(past_len) != batch or (np.asarray(past_len) + tokens > ctx).any() or (np.asarray(past_len) < 0).any():
+            raise BackendError(f"past_len {list(past_len)} + {tokens} tokens must lie in 0..{ctx} (max_context)")
+        key = (batch, first_slot, self._parity)
+        graphable = self.cuda_graphs and tokens == 1
         with torch.cuda.stream(be.stream):
-            self._view("input_ids", (batch, tokens), "int64").copy_(torch.from_numpy(input_ids), non_blocking=True)
-            self._view("past_len", (batch,), "int64").copy_(torch.from_numpy(past_len), non_blocking=True)
-            for b in plan:
-                if b.role in ("state_in", "state_out"):
-                    base = b.buffer.rsplit(".", 1)[0]
-                    swap = self._flip[base] ^ (b.role == "state_out")
-                    full = self._view(f"{base}.{'b' if swap else 'a'}", (m.runtime.max_batch, *b.shape[1:]), b.dtype)
-                    t = full[sl]
-                elif b.role == "cache_in":
-                    t = self._view(b.buffer, (m.runtime.max_batch, *b.shape[1:]), b.dtype)[sl]
-                else:
-                    t = self._view(b.buffer, b.shape, b.dtype)
-                if b.role in ("input_ids", "past_len", "state_in", "cache_in"):
-                    be.context.set_input_shape(b.name, b.shape)
-                be.context.set_tensor_address(b.name, t.data_ptr())
-            if not be.context.execute_async_v3(be.stream.cuda_stream):
-                raise BackendError(f"execute_async_v3 failed for {graph}")
-            for s in m.cache_states:  # scatter only the new tokens' K/V into the cache
-                kvh, _, d = s.shape
-                new = self._view(f"{s.output}.staging", (batch, kvh, tokens, d), s.dtype)
-                cache = self._view(s.input, (m.runtime.max_batch, kvh, ctx, d), s.dtype)
-                for j in range(batch):
-                    p = int(past_len[j])
-                    cache[first_slot + j, :, p:p + tokens].copy_(new[j])
-            for k in self._flip:
-                self._flip[k] = not self._flip[k]
+            ids_dev = self._view("input_ids", (batch, tokens), "int64")
+            past_dev = self._view("past_len", (batch,), "int64")
+            ids_dev.copy_(torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)), non_blocking=True)
+            past_dev.copy_(torch.from_numpy(np.ascontiguousarray(past_len, dtype=np.int64)), non_blocking=True)
             logits = self._view("logits", (batch, m.model.vocab_size), "float32")
+            if graphable and key in self._graphs:
+                self._graphs[key].replay()
+            else:
+                self._bind(graph, first_slot, batch, tokens)
+                self._launch(graph, first_slot, batch, tokens, past_dev)  # also the warm-up before a capture
+                if graphable:
+                    # A capture records and runs nothing; re-running this step would be harmless anyway
+                    # (reads '.a'/cache < past_len, rewrites '.b'/the same K/V positions).
+                    self._capture(key, graph, first_slot, past_dev)
+        self._parity = not self._parity
         return logits
+
+    def _bind(self, graph: str, first_slot: int, batch: int, tokens: int) -> None:
+        """Profile, input shapes and every tensor address, all views of the buffers allocated once."""
+        be, m = self.backend, self.backend.manifest
+        plan = binding_plan(m, graph, batch=batch, tokens=tokens, past=m.model.max_context)
+        profile = select_profile(be.info, graph)
+        check_profile(profile, {b.name: b.shape for b in plan if b.role not in ("logits", "state_out", "cache_new")})
+        if be._active_profile != profile.index:
+            be.context.set_optimization_profile_async(profile.index, be.stream.cuda_stream)
+            be._active_profile = profile.index
+        sl = slice(first_slot, first_slot + batch)
+        for b in plan:
+            if b.role in ("state_in", "state_out"):
+                base = b.buffer.rsplit(".", 1)[0]
+                swap = self._parity ^ (b.role == "state_out")
+                t = self._view(f"{base}.{'b' if swap else 'a'}", (m.runtime.max_batch, *b.shape[1:]), b.dtype)[sl]
+            elif b.role == "cache_in":
+                t = self._view(b.buffer, (m.runtime.max_batch, *b.shape[1:]), b.dtype)[sl]
+            else:
+                t = self._view(b.buffer, b.shape, b.dtype)
+            if b.role in ("input_ids", "past_len", "state_in", "cache_in"):
+                be.context.set_input_shape(b.name, b.shape)
+            be.context.set_tensor_address(b.name, t.data_ptr())
+
+    def _launch(self, graph: str, first_slot: int, batch: int, tokens: int, past_dev) -> None:
+        """The step's device work on the current stream: the engine, then the new K/V into the cache."""
+        be, m = self.backend, self.backend.manifest
+        if not be.context.execute_async_v3(be.stream.cuda_stream):
+            raise BackendError(f"execute_async_v3 failed for {graph}")
+        for s in m.cache_states:
+            kvh, _, d = s.shape
+            new = self._view(f"{s.output}.staging", (batch, kvh, tokens, d), s.dtype)
+            cache = self._view(s.input, (m.runtime.max_batch, kvh, m.model.max_context, d), s.dtype)
+            append_kv(cache, new, first_slot, past_dev)
+
+    def _capture(self, key, graph: str, first_slot: int, past_dev) -> bool:
+        """Capture the bound decode step into a CUDA graph; False (and graphs off) when it cannot be."""
+        be, torch = self.backend, self.backend.torch
+        batch, _, _ = key
+        if be.info.module == "tensorrt_rtx" and not be.context.is_stream_capturable(be.stream.cuda_stream):
+            return self._no_graphs("the TensorRT-RTX context is not stream capturable (engine built without "
+                                   "kREQUIRE_USER_ALLOCATION, or data-dependent shapes)")
+        g = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(g, stream=be.stream):
+                self._launch(graph, first_slot, batch, 1, past_dev)
+        except (RuntimeError, BackendError) as e:  # CUDA capture errors are RuntimeError (torch.AcceleratorError)
+            return self._no_graphs(f"capture failed ({type(e).__name__}: {e})")
+        self._graphs[key] = g
+        return True
+
+    def _no_graphs(self, why: str) -> bool:
+        log.warning("tensorrt: CUDA-graph capture of decode disabled, running eagerly: %s", why)
+        self.cuda_graphs = False
+        self._graphs.clear()
+        return False
