@@ -95,7 +95,11 @@ def build_stage(recipe: Recipe, onnx_dir: Path, out: Path, *, module_version: st
                                compute_capabilities=recipe.compute_capabilities if target.module == "tensorrt_rtx" else (),
                                hardware_compatibility=recipe.build.hardware_compatibility,
                                timing_cache=old_cache.read_bytes() if old_cache.is_file() else None)
-    network_loader = trtb.NetworkFromOnnxPath(trt, onnx_path)
+    plugin_build = None
+    if target.module == "tensorrt":  # full TensorRT only: qcn nodes -> AOT plugins (tensorrt_rtx has none)
+        from .plugins import prepare
+        plugin_build = prepare(target.module, onnx_path, target.compute_capability)
+    network_loader = trtb.NetworkFromOnnxPath(trt, onnx_path, model=plugin_build.model_bytes if plugin_build else None)
     io_box: dict = {}
 
     def network_and_check():
@@ -146,7 +150,9 @@ def build_stage(recipe: Recipe, onnx_dir: Path, out: Path, *, module_version: st
             # read from the parsed network the engine was built from: no engine can be
             # deserialized without a GPU (FINDINGS.md)
             "io": io_box["io"], "io_source": "network",
-            "plugins": [],  # qcn ops are inlined from their ONNX function bodies
+            # tensorrt_rtx: none, qcn ops are inlined from their ONNX function bodies
+            "plugins": plugin_build.plugins if plugin_build else [],
+            **({"plugin_lowering": plugin_build.manifest()} if plugin_build else {}),
             "onnx": {"graph": onnx_path.name, "sha256": src["files"][onnx_path.name],
                      "weights_sha256": src["files"].get("weights.bin"), "stage": src["stage"]},
             "timing_cache": TIMING_CACHE if cache else None,

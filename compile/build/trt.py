@@ -125,6 +125,7 @@ class NetworkFromOnnxPath:
     trt: Any
     path: Path
     logger: Any = None
+    model: bytes | None = None  # full TensorRT: the plugin-lowered ONNX (build/plugins.py); path locates its weights
 
     def __call__(self):
         trt = self.trt
@@ -135,7 +136,7 @@ class NetworkFromOnnxPath:
         if not Path(self.path).is_file():
             raise BuildError(f"{self.path}: ONNX file not found")
         t0 = time.perf_counter()
-        ok = parser.parse_from_file(str(self.path))
+        ok = parser.parse(self.model, str(self.path)) if self.model is not None else parser.parse_from_file(str(self.path))
         if not ok or parser.num_errors:
             errs = []
             for i in range(parser.num_errors):

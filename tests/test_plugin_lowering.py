@@ -1,0 +1,282 @@
+"""Plugin lowering for full TensorRT (compile/passes/lower_*.py, compile/build/plugins.py), on CPU.
+
+No full TensorRT and no GPU here: the registrations run against a stub of ``tensorrt.plugin``
+(as tests/kernels do) that records each plugin's descriptor function. Checked: the lowered
+graph is valid ONNX; each plugin node names a registered plugin id (op_type + plugin_namespace),
+has as many inputs as the descriptor has tensor parameters and exactly its attributes; the
+descriptors evaluated along the chain give the original node's output shapes; one
+must-NOT-lower case per op (node and its function body left alone); counts returned; nothing
+happens for tensorrt_rtx. NOT covered (cannot run here): TensorRT's parser accepting these
+nodes, building an engine with the plugins, running it.
+"""
+
+import inspect
+import sys
+import types
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+pytest.importorskip("triton")
+
+from qcn.compile.build import plugins as P  # noqa: E402
+from qcn.compile.passes._lowering import PLUGIN_DOMAIN  # noqa: E402
+from qcn.compile.passes.lower_cached_attention import LowerCachedAttention  # noqa: E402
+from qcn.compile.passes.lower_gated_deltanet import LowerGatedDeltaNet  # noqa: E402
+from qcn.compile.passes.lower_moe import LowerMoE  # noqa: E402
+from qcn.compile.plugins.attention import op as attn_op  # noqa: E402
+from qcn.compile.plugins.gated_deltanet import op as gdn_op  # noqa: E402
+from qcn.compile.plugins.moe import op as moe_op  # noqa: E402
+
+BF, F32, I64 = TensorProto.BFLOAT16, TensorProto.FLOAT, TensorProto.INT64
+OPSET = 23
+# tiny sizes: GDN Hk 2, Hv 4, Dk = Dv 32, K 4; MoE H 64, E 8, I 32, Is 48, top_k 2; attention 4/2/32
+Hk, Hv, Dk, Dv, K = 2, 4, 32, 32, 4
+C = 2 * Hk * Dk + Hv * Dv
+H, E, I, Is, TOPK = 64, 8, 32, 48, 2
+HQ, KVH, D = 4, 2, 32
+BIND = {"B": 2, "T": 5, "N": 10, "P": 70}
+
+
+# ---------------------------------------------------------------- stub of tensorrt.plugin
+class TensorDesc:
+    def __init__(self, shape, dtype=None):
+        self.shape_expr, self.dtype = list(shape), dtype
+
+    def like(self):
+        return TensorDesc(self.shape_expr, self.dtype)
+
+    aliased = like
+
+
+@pytest.fixture
+def trt_stub(monkeypatch):
+    reg = {}
+
+    def deco(kind):
+        return lambda pid: (lambda f: reg.setdefault(pid, {}).__setitem__(kind, f) or f)
+
+    trt = types.ModuleType("tensorrt")
+    trtp = types.ModuleType("tensorrt.plugin")
+    for n in ("float32", "float16", "bfloat16", "int32", "int64", "uint8"):
+        setattr(trt, n, n)
+    trt.plugin = trtp
+
+    class SymExprs:
+        pass
+
+    trtp.__dict__.update(TensorDesc=TensorDesc, SymExprs=SymExprs, SymIntExprs=SymExprs, SymInt32=int,
+                         KernelLaunchParams=types.SimpleNamespace, cdiv=lambda a, b: -(-a // b),
+                         from_shape_expr=lambda shape, dtype: TensorDesc(shape, dtype),
+                         AutoTuneCombination=lambda *a: a,
+                         register=deco("desc"), autotune=deco("autotune"), aot_impl=deco("aot"))
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setitem(sys.modules, "tensorrt.plugin", trtp)
+    from qcn.compile.plugins.gated_deltanet import trt_plugin as gdn_tp
+
+    monkeypatch.setattr(gdn_tp, "_registered", False)
+    monkeypatch.setattr(P, "_REGISTERED", {})
+    monkeypatch.delenv("QCN_GDN_TARGET", raising=False)
+    return reg
+
+
+# ---------------------------------------------------------------- test graphs
+def vi(name, dt, shape):
+    return helper.make_tensor_value_info(name, dt, shape)
+
+
+def gdn_node(tag="", a_log_dt=F32, dv="static"):
+    names = [f"{n}{tag}" for n in gdn_op.INPUTS]
+    dvd = Dv if dv == "static" else "Dv"
+    shapes = [["B", "T", C], ["B", "T", Hv, dvd], ["B", "T", Hv], ["B", "T", Hv], [C, K], [Hv], [Hv], [dvd],
+              ["B", C, K - 1], ["B", Hv, Dk, dvd]]
+    dts = [BF] * 5 + [a_log_dt] + [BF] * 3 + [F32]
+    outs = [f"gdn_{n}{tag}" for n in gdn_op.OUTPUTS]
+    out_vi = [vi(outs[0], BF, ["B", "T", Hv * Dv]), vi(outs[1], BF, ["B", C, K - 1]), vi(outs[2], F32, ["B", Hv, Dk, dvd])]
+    node = helper.make_node("GatedDeltaNet", names, outs, name=f"gdn{tag}", domain="qcn", num_k_heads=Hk,
+                            norm_eps=1e-6)
+    return node, [vi(n, dt, s) for n, dt, s in zip(names, dts, shapes)], out_vi
+
+
+def moe_node(tag="", fmt="float", n="N"):
+    names = [f"{x}{tag}" for x in moe_op.INPUTS]
+    shapes = [[n, H], [E, H], [E, 2 * I, H], [E, H, I], [2 * Is, H], [H, Is], [1, H]]
+    node = helper.make_node("MoE", names, [f"y{tag}"], name=f"moe{tag}", domain="qcn", top_k=TOPK, norm_topk_prob=1,
+                            weight_format=fmt)
+    return node, [vi(x, BF, s) for x, s in zip(names, shapes)], [vi(f"y{tag}", BF, [n, H])]
+
+
+def attn_node(tag="", t=1):
+    names = [f"{x}{tag}" for x in attn_op.INPUTS]
+    shapes = [["B", t, HQ, D], ["B", t, KVH, D], ["B", t, KVH, D], ["B", KVH, "P", D], ["B", KVH, "P", D], ["B"]]
+    node = helper.make_node("CachedAttention", names, [f"out{tag}"], name=f"attn{tag}", domain="qcn", scale=D ** -0.5)
+    return node, [vi(x, I64 if x.startswith("past_len") else BF, s) for x, s in zip(names, shapes)], \
+        [vi(f"out{tag}", BF, ["B", t, HQ, D])]
+
+
+def model_of(*parts):
+    nodes = [p[0] for p in parts]
+    ins = [v for p in parts for v in p[1]]
+    outs = [v for p in parts for v in p[2]]
+    g = helper.make_graph(nodes, "g", ins, outs)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("qcn", 1)],
+                          functions=[op.function_proto(OPSET) for op in (gdn_op, moe_op, attn_op)])
+    m.ir_version = 10
+    onnx.checker.check_model(m)
+    return m
+
+
+# ---------------------------------------------------------------- checks against the descriptors
+def shapes_of(model):
+    out = {}
+    for v in list(model.graph.input) + list(model.graph.output):
+        out[v.name] = [d.dim_value if d.HasField("dim_value") else BIND[d.dim_param]
+                       for d in v.type.tensor_type.shape.dim]
+    return out
+
+
+def is_tensor_param(p):
+    return p.annotation is TensorDesc or p.annotation in ("trtp.TensorDesc", "TensorDesc")
+
+
+def check_against_registry(lowered, original_shapes, reg):
+    """Every plugin node against its registered descriptor; returns the plugin ids used."""
+    onnx.checker.check_model(lowered)
+    shapes = dict(original_shapes)
+    used = set()
+    for node in lowered.graph.node:
+        if node.domain != PLUGIN_DOMAIN:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs.pop("aot") == 1 and attrs.pop("plugin_version") == b"1"
+        pid = f"{attrs.pop('plugin_namespace').decode()}::{node.op_type}"
+        assert pid in reg and set(reg[pid]) == {"desc", "autotune", "aot"}, (pid, sorted(reg))
+        params = list(inspect.signature(reg[pid]["desc"]).parameters.values())
+        tensors = [p for p in params if is_tensor_param(p)]
+        assert len(node.input) == len(tensors), (pid, list(node.input), [p.name for p in tensors])
+        assert set(attrs) == {p.name for p in params if not is_tensor_param(p)}, (pid, attrs)
+        outs = reg[pid]["desc"](*[TensorDesc(shapes[i]) for i in node.input], **attrs)
+        outs = list(outs) if isinstance(outs, tuple) else [outs]
+        assert len(outs) == len(node.output), pid
+        for name, o in zip(node.output, outs):
+            got = [int(x) for x in o.shape_expr]
+            if name in original_shapes:  # a graph output: must be what the qcn node produced
+                assert got == original_shapes[name], (pid, name, got, original_shapes[name])
+            shapes[name] = got
+        used.add(pid)
+    return used
+
+
+# ---------------------------------------------------------------- tests
+def test_all_three_lower_and_match_registered_descriptors(trt_stub):
+    m = model_of(gdn_node(), moe_node(), attn_node())
+    shapes = shapes_of(m)
+    report = P.lower_for_tensorrt(m)
+    assert report.counts() == {
+        "GatedDeltaNet": {"matched": 1, "rewritten": 1, "refused": 0, "plugin_nodes": 1},
+        "MoE": {"matched": 1, "rewritten": 1, "refused": 0, "plugin_nodes": 6},
+        "CachedAttention": {"matched": 1, "rewritten": 1, "refused": 0, "plugin_nodes": 2}}
+    assert not any(n.domain == "qcn" for n in m.graph.node) and not m.functions
+    ids = P.register_plugins(report, 89)
+    import os
+    assert os.environ["QCN_GDN_TARGET"] == "89"
+    used = check_against_registry(m, shapes, trt_stub)
+    assert used == set(ids) == {
+        "qcn::GatedDeltaNet", "qcn_attn::decode_split_bf16", "qcn_attn::decode_reduce", "qcn_moe::router_logits",
+        "qcn_moe::router_topk", "qcn_moe::align", "qcn_moe::prefill_gate_up_dense", "qcn_moe::prefill_down_dense",
+        "qcn_moe::combine_sorted"}
+    # registered: GDN 1, attention split_bf16 + reduce, MoE 5 + 4 for the dense format only
+    assert len(trt_stub) == 1 + 2 + 9
+
+
+def test_moe_decode_chain_when_tokens_static_and_small(trt_stub):
+    m = model_of(moe_node(n=4))
+    shapes = shapes_of(m)
+    report = P.lower_for_tensorrt(m)
+    assert report.counts()["MoE"] == {"matched": 1, "rewritten": 1, "refused": 0, "plugin_nodes": 5}
+    P.register_plugins(report, 90)
+    assert check_against_registry(m, shapes, trt_stub) >= {"qcn_moe::decode_gate_up_dense",
+                                                           "qcn_moe::decode_down_dense", "qcn_moe::combine_slots"}
+
+
+@pytest.mark.parametrize("case", ["gdn_a_log_fp16", "gdn_dynamic_dv", "moe_int4", "attn_prefill_T"])
+def test_must_not_lower(case):
+    part, op, why = {"gdn_a_log_fp16": (gdn_node(a_log_dt=TensorProto.FLOAT16), "GatedDeltaNet", "A_log"),
+                     "gdn_dynamic_dv": (gdn_node(dv="dyn"), "GatedDeltaNet", "not static"),
+                     "moe_int4": (moe_node(fmt="int4"), "MoE", "weight_format"),
+                     "attn_prefill_T": (attn_node(t="T"), "CachedAttention", "T")}[case]
+    m = model_of(part)
+    before = m.SerializeToString()
+    report = P.lower_for_tensorrt(m)
+    r = report.results[op]
+    assert r.counts() == {"matched": 1, "rewritten": 0, "refused": 1, "plugin_nodes": 0}
+    assert why in r.refused[0][1] and report.plugins == []
+    assert m.SerializeToString() == before  # node and function body untouched: the parser inlines it
+
+
+def test_attention_static_T_above_one_refused_and_mixed_graph():
+    m = model_of(attn_node("_p", t=3), attn_node("_d", t=1), gdn_node())
+    r = P.lower_for_tensorrt(m)
+    assert r.counts()["CachedAttention"] == {"matched": 2, "rewritten": 1, "refused": 1, "plugin_nodes": 2}
+    assert "decode (T == 1) only" in r.results["CachedAttention"].refused[0][1]
+    assert [f.name for f in m.functions] == ["CachedAttention"]  # still used by the refused node
+    onnx.checker.check_model(m)
+
+
+def test_second_node_with_other_config_is_refused():
+    a = moe_node("_a")
+    b = moe_node("_b")
+    next(a for a in b[0].attribute if a.name == "top_k").i = 3  # plugins are registered with one top_k
+    m = model_of(a, b)
+    r = LowerMoE()(m)
+    assert r.counts() == {"matched": 2, "rewritten": 1, "refused": 1, "plugin_nodes": 6}
+    assert "differs" in r.refused[0][1]
+
+
+def test_passes_return_counts_individually():
+    m = model_of(gdn_node(), attn_node())
+    assert LowerGatedDeltaNet()(m).counts()["rewritten"] == 1
+    assert LowerCachedAttention()(m).counts() == {"matched": 1, "rewritten": 1, "refused": 0, "plugin_nodes": 2}
+    assert LowerMoE()(m).counts() == {"matched": 0, "rewritten": 0, "refused": 0, "plugin_nodes": 0}
+
+
+def test_prepare_full_tensorrt_and_rtx(trt_stub, tmp_path):
+    m = model_of(gdn_node(), moe_node(), attn_node("", t="T"))
+    path = tmp_path / "prefill.onnx"
+    onnx.save(m, str(path))
+    assert P.prepare("tensorrt_rtx", path, "12.0") is None  # no plugin path in TensorRT-RTX (FINDINGS)
+    pb = P.prepare("tensorrt", path, "9.0")
+    assert pb.cc == 90 and pb.plugins == sorted(pb.report.plugins) and "qcn::GatedDeltaNet" in pb.plugins
+    man = pb.manifest()
+    assert man["counts"]["CachedAttention"]["refused"] == 1 and man["refused"][0]["op"] == "CachedAttention"
+    lowered = onnx.load_from_string(pb.model_bytes)
+    onnx.checker.check_model(lowered)
+    assert {n.op_type for n in lowered.graph.node if n.domain == "qcn"} == {"CachedAttention"}
+    # same process, same cc and configs: registering again is a no-op; another cc is refused loudly
+    assert P.prepare("tensorrt", path, "9.0").plugins == pb.plugins
+    with pytest.raises(RuntimeError, match="already registered"):
+        P.register_plugins(P.lower_for_tensorrt(model_of(moe_node())), 80)
+
+
+def test_exported_tiny_graph_if_present(trt_stub):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "build/artifacts/tiny_cpu/prefill.onnx"
+    if not path.is_file():
+        pytest.skip("no exported tiny model here (build/artifacts/tiny_cpu)")
+    m = onnx.load(str(path), load_external_data=False)
+    report = P.lower_for_tensorrt(m)
+    c = report.counts()
+    # T is dynamic in prefill.onnx: attention (decode kernels only) stays inlined; the others lower
+    assert c["CachedAttention"]["rewritten"] == 0 and c["CachedAttention"]["refused"] == c["CachedAttention"]["matched"]
+    assert c["GatedDeltaNet"]["refused"] == 0 and c["GatedDeltaNet"]["rewritten"] >= 1, report.to_dict()["refused"]
+    assert c["MoE"]["refused"] == 0 and c["MoE"]["rewritten"] >= 1, report.to_dict()["refused"]
+    P.register_plugins(report, 89)
+    assert {p.split("::")[0] for p in report.plugins} == {"qcn", "qcn_moe"}
+    # topological and SSA (the checker itself wants weights.bin beside the model)
+    known = {v.name for v in m.graph.input} | {i.name for i in m.graph.initializer}
+    for n in m.graph.node:
+        assert all(i in known or i == "" for i in n.input), n.name
+        assert not known & set(n.output), n.name
+        known |= set(n.output)
