@@ -75,9 +75,8 @@ def trt_stub(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt.plugin", trtp)
     from qcn.compile.plugins.gated_deltanet import trt_plugin as gdn_tp
 
-    monkeypatch.setattr(gdn_tp, "_registered", False)
+    monkeypatch.setattr(gdn_tp, "_registered", None)
     monkeypatch.setattr(P, "_REGISTERED", {})
-    monkeypatch.delenv("QCN_GDN_TARGET", raising=False)
     return reg
 
 
@@ -179,8 +178,8 @@ def test_all_three_lower_and_match_registered_descriptors(trt_stub):
         "CachedAttention": {"matched": 1, "rewritten": 1, "refused": 0, "plugin_nodes": 2}}
     assert not any(n.domain == "qcn" for n in m.graph.node) and not m.functions
     ids = P.register_plugins(report, 89)
-    import os
-    assert os.environ["QCN_GDN_TARGET"] == "89"
+    from qcn.compile.plugins.gated_deltanet import trt_plugin as gdn_tp
+    assert gdn_tp._registered == (89, None)  # the recipe's cc reached the GatedDeltaNet registration
     used = check_against_registry(m, shapes, trt_stub)
     assert used == set(ids) == {
         "qcn::GatedDeltaNet", "qcn_attn::decode_split_bf16", "qcn_attn::decode_reduce", "qcn_moe::router_logits",

@@ -21,7 +21,6 @@ CPU against a stub of ``tensorrt.plugin`` only (tests/test_plugin_lowering.py).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,8 +97,7 @@ def register_plugins(report: LoweringReport, cc: int) -> list[str]:
         if op == "GatedDeltaNet":
             from ..plugins.gated_deltanet import trt_plugin as gdn
 
-            os.environ["QCN_GDN_TARGET"] = str(cc)  # read by its aot_impl at build time: the recipe's target
-            gdn.register()
+            gdn.register(cc)
         elif op == "MoE":
             from ..plugins.moe.trt_plugin import register_moe_plugins
 

@@ -9,9 +9,9 @@ build time and embedded in the engine, so the engine runs without Python.
 Use: call :func:`register` once (before parsing the ONNX); the ONNX node needs
 ``op_type="GatedDeltaNet"``, attribute ``plugin_namespace="qcn"`` and ``aot=1`` for the
 parser to pick the AOT implementation. T == 1 (constant) embeds the decode kernel,
-anything else the chunked prefill kernel. The target compute capability is the build
-GPU's (or ``QCN_GDN_TARGET``, e.g. 90); ``QCN_GDN_PTX_VERSION`` (e.g. 84) lowers the PTX ISA
-version for drivers older than the CUDA 13 one Triton 3.9 targets by default (checked with
+anything else the chunked prefill kernel. ``register(cc, ptx_version)`` takes the recipe's
+target compute capability (the build stage passes it; None = the build GPU's) and optionally a
+PTX ISA version (e.g. 84) for drivers older than the CUDA 13 one Triton 3.9 targets by default (checked with
 ptxas: 8.4 for sm_90a, 8.7 for sm_120a, 8.0 for sm_80 assemble). Outputs: y, conv_state_out (a separate buffer: it
 must not alias conv_state), recurrent_state_out (aliased to recurrent_state: updated in
 place). Points to check on a real build: the hidden Triton scratch parameters are stripped
@@ -20,28 +20,28 @@ above 48 KiB must be accepted by TensorRT's launcher for the target.
 """
 from __future__ import annotations
 
-import os
-
 __all__ = ["PLUGIN_ID", "register"]
 
 PLUGIN_ID = "qcn::GatedDeltaNet"
-_registered = False
+_registered: tuple | None = None
 
 
-def _target_cc() -> int:
-    env = os.environ.get("QCN_GDN_TARGET")
-    if env:
-        return int(env.replace("sm_", "").rstrip("a"))
+def _build_gpu_cc() -> int:
     import torch
 
     major, minor = torch.cuda.get_device_capability()
     return major * 10 + minor
 
 
-def register() -> None:
-    """Register ``qcn::GatedDeltaNet`` with TensorRT's plugin registry (idempotent)."""
+def register(cc: int | None = None, ptx_version: int | None = None) -> None:
+    """Register ``qcn::GatedDeltaNet`` with TensorRT's plugin registry for compute capability
+    ``cc`` (None: the GPU the engine is built on). TensorRT registers a plugin id once per
+    process, so a second call with other arguments is an error."""
     global _registered
-    if _registered:
+    if _registered is not None:
+        if _registered != (cc, ptx_version):
+            raise RuntimeError(f"{PLUGIN_ID} is already registered for (cc, ptx_version) = {_registered}; "
+                               f"asked for {(cc, ptx_version)}: use a new process")
         return
     import tensorrt as trt
     import tensorrt.plugin as trtp
@@ -80,13 +80,12 @@ def register() -> None:
         t_expr = qkv.shape_expr[1]
         kind = "decode" if (t_expr.is_constant and t_expr.constant_value() == 1) else "prefill"
         act = {trt.bfloat16: "bf16", trt.float16: "fp16", trt.float32: "fp32"}[qkv.dtype]
-        cc = _target_cc()
-        if cc not in TARGETS:
-            cc = max((t for t in TARGETS if t <= cc), default=TARGETS[0])
-        ptx_version = os.environ.get("QCN_GDN_PTX_VERSION")
+        target = cc if cc is not None else _build_gpu_cc()
+        if target not in TARGETS:
+            target = max((t for t in TARGETS if t <= target), default=TARGETS[0])
         k = compile_kernel(kind, num_k_heads=hk, num_v_heads=hv, head_k_dim=dk, head_v_dim=dv,
-                           conv_kernel=kconv, norm_eps=float(norm_eps), act_dtype=act, target=cc,
-                           ptx_version=int(ptx_version) if ptx_version else None)
+                           conv_kernel=kconv, norm_eps=float(norm_eps), act_dtype=act, target=target,
+                           ptx_version=ptx_version)
 
         launch = trtp.KernelLaunchParams()
         launch.grid_x = hv
@@ -96,4 +95,4 @@ def register() -> None:
         extra_args = trtp.SymIntExprs.from_tuple([trtp.SymInt32(t_expr)])  # the kernels' one scalar: T
         return k.name.encode(), k.ptx.encode(), launch, extra_args
 
-    _registered = True
+    _registered = (cc, ptx_version)
