@@ -180,6 +180,17 @@ def test_prefill_short_conv_kernel_and_long_state_tail():
         check(run_kernel("prefill", inp, Hk), refs, torch.float32)
 
 
+@pytest.mark.parametrize("kind,T,dtype,block_v", [("decode", 1, torch.float32, None),
+                                                   ("prefill", 70, torch.float32, None),
+                                                   ("prefill", 70, torch.bfloat16, None),
+                                                   ("prefill", 33, torch.float32, 16)])
+def test_non_power_of_two_sizes(kind, T, dtype, block_v):
+    """Dk = 24, Dv = 20, Hk = 1, Hv = 3, K = 3: every tile is masked."""
+    inp = make_inputs(2, T, 1, 3, 24, 20, K=3, dtype=dtype, seed=3)
+    refs = gated_deltanet_reference(**inp, num_k_heads=1)
+    check(run_kernel(kind, inp, 1, **({} if kind == "decode" else {"block_v": block_v})), refs, dtype)
+
+
 def test_chunked_calls_equal_one_call():
     """Prefill 50 + decode 1 + prefill 49 tokens, carrying both states == one 100-token call."""
     Hk, Hv, Dk, Dv = CFGS["gqa"]
