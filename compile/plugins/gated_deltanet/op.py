@@ -12,8 +12,9 @@ Semantics are those of transformers' Qwen3NextGatedDeltaNet (per token t): depth
 conv over [conv_state ; qkv] then SiLU; split q, k, v; L2-normalise q and k (eps 1e-6),
 q *= Dk^-0.5; v head j reads qk head j // (Hv/Hk); beta = sigmoid(b);
 g = -exp(A_log) * softplus(a + dt_bias); S = exp(g) S; S += k (x) beta (v - S^T k); o = S^T q;
-y = norm_weight * rmsnorm(o) * silu(z). The torch implementation below is the naive per-token
-reference; the function body is the same math in standard ONNX ops (a Scan over T).
+y = norm_weight * rmsnorm(o) * silu(z). The torch op runs the naive per-token reference
+(`reference.py`, shared with the kernel tests); the function body is the same math in standard
+ONNX ops (a Scan over T).
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ from __future__ import annotations
 import onnx
 import onnxscript
 import torch
-import torch.nn.functional as F
 from onnx import TensorProto, helper
 from onnx.defs import OpSchema
 
+from .reference import gated_deltanet_reference
 from ..onnx_function import DOMAIN, DOMAIN_VERSION, INT64_MAX, FunctionBuilder, QcnOp, register_schema
 
 OP_NAME = "GatedDeltaNet"
-L2_EPS = 1e-6
+L2_EPS = 1e-6  # as reference.py and transformers' l2norm
 INPUTS = ["qkv", "z", "b", "a", "conv_weight", "A_log", "dt_bias", "norm_weight", "conv_state", "recurrent_state"]
 OUTPUTS = ["y", "conv_state_out", "recurrent_state_out"]
 
@@ -47,44 +48,11 @@ def gated_deltanet(
     conv_weight: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, norm_weight: torch.Tensor,
     conv_state: torch.Tensor, recurrent_state: torch.Tensor, num_k_heads: int, norm_eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    B, T, C = qkv.shape
-    Hv, Dv = z.shape[2], z.shape[3]
-    K = conv_weight.shape[1]
-    key_dim, _, value_dim = split_sizes(C, Hv, Dv, num_k_heads)
-    Dk = key_dim // num_k_heads
-    act = qkv.dtype
-
-    # causal depthwise conv over [conv_state ; qkv], then SiLU
-    x = torch.cat([conv_state.to(act), qkv.transpose(1, 2)], dim=2)  # [B, C, T+K-1]
-    conv_state_out = x[:, :, T:].contiguous()
-    conv = sum(x[:, :, j:j + T] * conv_weight[:, j, None] for j in range(K))
-    mixed = F.silu(conv).transpose(1, 2)  # [B, T, C]
-    q, k, v = torch.split(mixed, [key_dim, key_dim, value_dim], dim=-1)
-    rep = Hv // num_k_heads
-    q = q.reshape(B, T, num_k_heads, Dk).repeat_interleave(rep, dim=2).float()
-    k = k.reshape(B, T, num_k_heads, Dk).repeat_interleave(rep, dim=2).float()
-    v = v.reshape(B, T, Hv, Dv).float()
-    q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + L2_EPS)
-    k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + L2_EPS)
-    q = q * Dk ** -0.5
-    beta = torch.sigmoid(b).float()
-    g = -A_log.float().exp() * F.softplus(a.float() + dt_bias)
-
-    S = recurrent_state.float().clone()
-    outs = []
-    for t in range(T):
-        S = S * g[:, t].exp()[..., None, None]
-        kv_mem = (S * k[:, t, :, :, None]).sum(-2)
-        delta = (v[:, t] - kv_mem) * beta[:, t, :, None]
-        S = S + k[:, t, :, :, None] * delta[:, :, None, :]
-        outs.append((S * q[:, t, :, :, None]).sum(-2))
-    o = torch.stack(outs, dim=1).to(act)  # [B, T, Hv, Dv]
-
-    # gated RMSNorm, with transformers' casts (Qwen3NextRMSNormGated)
-    of = o.float()
-    normed = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + norm_eps)
-    y = (norm_weight * normed.to(act)).float() * F.silu(z.float())
-    return y.to(act).reshape(B, T, Hv * Dv), conv_state_out, S
+    split_sizes(qkv.shape[2], z.shape[2], z.shape[3], num_k_heads)
+    y, conv_state_out, recurrent_state_out = gated_deltanet_reference(
+        qkv, z, b, a, conv_weight, A_log, dt_bias, norm_weight, conv_state, recurrent_state,
+        num_k_heads=num_k_heads, norm_eps=norm_eps, compute_dtype=torch.float32)
+    return y.to(qkv.dtype), conv_state_out.to(conv_state.dtype).contiguous(), recurrent_state_out.float()
 
 
 @gated_deltanet.register_fake
