@@ -258,13 +258,21 @@ def test_prepare_full_tensorrt_and_rtx(trt_stub, tmp_path):
         P.register_plugins(P.lower_for_tensorrt(model_of(moe_node())), 80)
 
 
-def test_exported_tiny_graph_if_present(trt_stub):
-    from pathlib import Path
+@pytest.fixture(scope="module")
+def tiny_prefill(tmp_path_factory):
+    """A real exported prefill graph (module scope: compiled before the tensorrt stub exists)."""
+    from qcn.compile.export.tiny import TINY_SPECS, write_tiny_checkpoint
+    from qcn.compile.pipeline import compile_recipe
+    from qcn.compile.recipe import Recipe, RuntimeOptions
 
-    path = Path(__file__).resolve().parents[1] / "build/artifacts/tiny_cpu/prefill.onnx"
-    if not path.is_file():
-        pytest.skip("no exported tiny model here (build/artifacts/tiny_cpu)")
-    m = onnx.load(str(path), load_external_data=False)
+    tmp = tmp_path_factory.mktemp("tiny")
+    ckpt = write_tiny_checkpoint(tmp / "ckpt", TINY_SPECS["sparse_step2"], seed=0)
+    art = compile_recipe(Recipe(name="t", checkpoint=ckpt, output=tmp / "art", runtime=RuntimeOptions(max_context=256)))
+    return art / "prefill.onnx"
+
+
+def test_exported_tiny_graph(tiny_prefill, trt_stub):
+    m = onnx.load(str(tiny_prefill), load_external_data=False)
     report = P.lower_for_tensorrt(m)
     c = report.counts()
     # T is dynamic in prefill.onnx: attention (decode kernels only) stays inlined; the others lower
