@@ -87,7 +87,7 @@ def quantization_problems(recipe: Recipe) -> list[str]:
     for key, value in (("weights", q.weights), ("experts", q.experts)):
         if value != "none":
             out.append(f"quantization.{key}: {value} needs the {value.upper()} quantization pass, which does not exist "
-                       "yet (compile/passes/ has none); qcn will not fake it: use none (the activation dtype) "
+                       "yet (compile/passes/ has no quantization pass); qcn will not fake it: use none (the activation dtype) "
                        "until that pass lands")
     if q.kv_cache != "activation":
         out.append(f"quantization.kv_cache: {q.kv_cache} needs an FP8 KV-cache pass, which does not exist yet; "
