@@ -233,7 +233,7 @@ def run_pipeline(recipe: Recipe, *, until: str = "build", force: bool = False, p
             m = _manifest(dirs[prev])
             extra = {"passes": list(PASSES), "quantization": dataclasses.asdict(recipe.quantization)} if stage == "passes" \
                 else {"recipe": {k: v for k, v in recipe.to_dict().items() if k not in ("source", "output", "checkpoint")},
-                      "module_version": getattr(report, "module_version", None)}
+                      "module_version": report.module_version}
             key = sha256_json({"input_files": m["files"] if m else None, **extra})
         if not force and up_to_date(dirs[stage], key):
             log.info("stage %s: up to date (%s)", stage, dirs[stage])
@@ -246,8 +246,8 @@ def run_pipeline(recipe: Recipe, *, until: str = "build", force: bool = False, p
             else:
                 from .build.stage import build_stage
 
-                budget = report.budget.to_dict() if getattr(report, "budget", None) else None
-                build_stage(recipe, dirs[prev], dirs[stage], module_version=getattr(report, "module_version", None),
+                budget = report.budget.to_dict() if report.budget else None
+                build_stage(recipe, dirs[prev], dirs[stage], module_version=report.module_version,
                             inputs_sha256=key, budget=budget)
             ran.append(stage)
         prev = stage

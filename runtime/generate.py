@@ -232,9 +232,7 @@ class Generator:
         return generate(self.session, prompts, params, on_token)
 
     def close(self) -> None:
-        close = getattr(self.backend, "close", None)
-        if close is not None:
-            close()
+        self.backend.close()
 
     def __enter__(self) -> "Generator":
         return self
