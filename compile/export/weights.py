@@ -32,8 +32,10 @@ class WeightSpec:
     fp32: bool = False  # kept in fp32 whatever the activation dtype
 
     def load(self, checkpoint, act_dtype: torch.dtype) -> torch.Tensor:
-        t = self.transform([checkpoint.get(s, dtype=torch.float32) for s in self.sources])
-        t = t.to(torch.float32 if self.fp32 else act_dtype).contiguous()
+        # only fp32 specs compute ((1 + w) norms); the other transforms move data, so reading the
+        # sources in the target dtype gives the same bits at half the peak memory for bf16
+        dtype = torch.float32 if self.fp32 else act_dtype
+        t = self.transform([checkpoint.get(s, dtype=dtype) for s in self.sources]).to(dtype).contiguous()
         if tuple(t.shape) != self.shape:
             raise ValueError(f"weight {self.name}: transform of {self.sources} gave {list(t.shape)}, "
                              f"expected {list(self.shape)}")
