@@ -30,7 +30,8 @@ from safetensors.torch import save_file
 from .checkpoint import CheckpointError, expected_tensors, layer_tensors, open_checkpoint
 from .config import ModelConfig, load_model_config
 
-__all__ = ["TinySpec", "TINY_SPECS", "SPECIAL_TOKENS", "write_tiny_checkpoint", "main"]
+__all__ = ["TinySpec", "TINY_SPECS", "SPECIAL_TOKENS", "config_dict", "train_bpe_tokenizer", "write_tokenizer",
+           "write_tiny_checkpoint", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -378,7 +379,15 @@ def _corpus() -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=8)
 def _tokenizer_json(vocab_size: int) -> str:
-    """Qwen2-style byte-level BPE with SPECIAL_TOKENS at ids vocab_size-22 .. vocab_size-1."""
+    return train_bpe_tokenizer(_corpus(), vocab_size)
+
+
+def train_bpe_tokenizer(texts, vocab_size: int) -> str:
+    """Qwen2-style byte-level BPE trained on `texts`, SPECIAL_TOKENS at ids vocab_size-22 .. vocab_size-1.
+
+    Returns the tokenizer.json text. Raises RuntimeError when the texts are too small to fill
+    the BPE part of the vocabulary (that would leave a gap before the special tokens).
+    """
     from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers,
                             processors, trainers)
 
@@ -393,15 +402,20 @@ def _tokenizer_json(vocab_size: int) -> str:
     tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
     trainer = trainers.BpeTrainer(vocab_size=n_bpe, min_frequency=2, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
-    tok.train_from_iterator(_corpus(), trainer=trainer)
-    if tok.get_vocab_size() != n_bpe:  # a too-small corpus would leave a gap before the specials
+    tok.train_from_iterator(texts, trainer=trainer)
+    if tok.get_vocab_size() != n_bpe:
         raise RuntimeError(f"BPE training gave {tok.get_vocab_size()} tokens, wanted {n_bpe}")
     tok.add_special_tokens([AddedToken(t, special=s, normalized=False) for t, s in SPECIAL_TOKENS])
     return tok.to_str(pretty=True)
 
 
 def _write_tokenizer(out: Path, vocab_size: int, max_length: int) -> None:
-    (out / "tokenizer.json").write_text(_tokenizer_json(vocab_size), encoding="utf-8")
+    write_tokenizer(out, _tokenizer_json(vocab_size), vocab_size, max_length)
+
+
+def write_tokenizer(out: Path, tokenizer_json: str, vocab_size: int, max_length: int) -> None:
+    """tokenizer.json + a Qwen2Tokenizer tokenizer_config.json (specials, chat template) into `out`."""
+    (out / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
     ids = _special_ids(vocab_size)
     _write_json(out / "tokenizer_config.json", {
         "add_bos_token": False, "add_prefix_space": False,
