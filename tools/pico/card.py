@@ -44,12 +44,14 @@ on a quarter of the head dimension; untied lm_head. config.json has the Hub's ke
 {rows}
 
 ## MTP head
-`mtp.*` tensors in the layout vLLM's and SGLang's `qwen3_next_mtp` load: `mtp.fc.weight` [H, 2H],
+`mtp.*` tensors in the layout vLLM's `Qwen3NextMTP` and SGLang's `Qwen3NextForCausalLMMTP`
+(both `qwen3_next_mtp.py`) load, checked against their source: `mtp.fc.weight` [H, 2H],
 `mtp.pre_fc_norm_embedding`, `mtp.pre_fc_norm_hidden`, one full-attention + MoE decoder layer
 `mtp.layers.0.*` (per-expert `gate_proj`/`up_proj`/`down_proj`), `mtp.norm`; the embedding and
 lm_head are shared with the main model. For position t it computes
 `lm_head(norm(layer(fc(cat[norm_e(embed(x[t+1])), norm_h(h[t])]))))` with h the main model's
-final (post-norm) hidden state at t, and predicts x[t+2]. It was trained for {tc.mtp_steps} steps
+final (post-norm) hidden state at t, embedding first in the concatenation as both engines do,
+and predicts x[t+2]. RoPE position t, as vLLM's proposer passes the target positions. It was trained for {tc.mtp_steps} steps
 ({t['mtp_tokens'] / 1e6:.1f}M tokens) on the frozen main model, starting from a copy of the main
 model's last attention layer.
 
