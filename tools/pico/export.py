@@ -98,7 +98,8 @@ def export(work: Path, cfg: PicoConfig, out: Path, *, max_eval_windows: int | No
         samples = []
         for prompt in SAMPLE_PROMPTS:
             ids_in = torch.tensor([tok.encode(prompt).ids])
-            gen = shipped.generate(ids_in, max_new_tokens=64, do_sample=False, eos_token_id=ids["eos_token_id"],
+            gen = shipped.generate(ids_in, max_new_tokens=64, do_sample=False, top_k=None, top_p=None,
+                                   temperature=None, eos_token_id=[ids["eos_token_id"], ids["pad_token_id"]],
                                    pad_token_id=ids["pad_token_id"])
             samples.append({"prompt": prompt, "completion": tok.decode(gen[0, ids_in.shape[1]:].tolist()),
                             "new_tokens": int(gen.shape[1] - ids_in.shape[1])})
