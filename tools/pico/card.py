@@ -15,7 +15,7 @@ def render_card(r: dict, cfg: PicoConfig) -> str:
     c, h, u, t = r["corpus"], r["heldout"], r["unigram"], r["training"]
     spec = dataclasses.asdict(cfg.model)
     rows = "\n".join(f"| `{k}` | {v} |" for k, v in spec.items() if v is not None)
-    samples = "\n\n".join(f"**Prompt** `{s['prompt'].splitlines()[0]}` ... ({s['new_tokens']} new tokens, greedy)\n\n"
+    samples = "\n\n".join(f"**Prompt** `{s['prompt']!r}` ({s['new_tokens']} new tokens, greedy)\n\n"
                           + _fence(s["prompt"] + s["completion"]) for s in r["samples"])
     tc = cfg.train
     return f"""---
@@ -87,6 +87,12 @@ loss {t['final_train_lm_loss']}. Weights are stored in bf16.
 | MTP top-1 accuracy for token t+2 | **{h['mtp_t2_top1_accuracy']:.1%}** | {u['top1_accuracy']:.1%} (most frequent token) |
 
 ## Greedy samples
+Computed with transformers from the stored weights; `tests/test_pico.py` checks that qcn's
+runtime produces the same text. Prompting note: the Qwen2 pre-tokenizer attaches newlines to
+the punctuation before them (`"):\\n"` is one token), so a prompt that ends at `):` asks the
+model to continue a token it never saw followed by a newline; it answers `pass` (last sample).
+End prompts with the newline, or heal the last token.
+
 {samples}
 
 ## Reproduce

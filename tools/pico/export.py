@@ -32,7 +32,11 @@ from .train import load_base, load_mtp
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_PROMPTS = ("def fibonacci(n):", "class Stack:\n    def __init__(self):", "import os\n\n\ndef list_python_files(root):")
+# End prompts with the newline: Qwen's pre-tokenizer joins "):" and the newline into one token,
+# so a prompt that stops at "):" asks for a continuation of a token never followed by a newline
+# in training. The last prompt shows that effect.
+SAMPLE_PROMPTS = ("def fibonacci(n):\n", "class Stack:\n    def __init__(self):\n",
+                  "import os\n\n\ndef list_python_files(root):\n", "def fibonacci(n):")
 
 
 def load_mtp_from_checkpoint(ckpt: Path, model) -> MTPHead:
