@@ -167,7 +167,7 @@ def main(argv=None) -> int:
     }
     w = max(len(k) for k in res)
     for k, v in res.items():
-        print(f"{k:<{w}}  {v:.6g}" if isinstance(v, float) else f"{k:<{w}}  {v}")
+        print(f"{k:<{w}}  {v:.9g}" if isinstance(v, float) else f"{k:<{w}}  {v}")
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(res, indent=2) + "\n")
