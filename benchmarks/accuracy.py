@@ -8,8 +8,9 @@ in tools/pico/corpus.py), both sides teacher-forced on the same tokens:
   token) and of transformers (one forward), and their ratio;
 - max |logit difference| over every position;
 - next-token top-1 agreement between the two, and greedy continuations of held-out prompts:
-  the fraction of continuations whose tokens are all identical, and of identical tokens up to
-  the first difference.
+  the fraction of continuations whose tokens are all identical, of identical tokens up to
+  the first difference, and, where they split, transformers' logit margin between its token
+  and ours (a margin near the logit error means a tie, not a bug).
 
 This is where quantized artifacts are judged: pass `--artifact` compiled from another recipe.
 
@@ -85,11 +86,14 @@ def runtime_logits(session, ids: np.ndarray) -> np.ndarray:
     return np.stack(out)
 
 
-def greedy_runtime(session, prompt: list[int], n: int) -> list[int]:
+def greedy_runtime(session, prompt: list[int], n: int, eos: list[int]) -> list[int]:
+    """n greedy tokens; EOS masked, as transformers' min_new_tokens does on the other side."""
     slot = session.allocate()
     try:
         logits, out = session.prefill(slot, prompt), []
         for _ in range(n):
+            logits = logits.copy()
+            logits[eos] = -np.inf
             out.append(int(np.argmax(logits)))
             logits = session.decode([slot], [out[-1]])[0]
     finally:
@@ -144,14 +148,25 @@ def main(argv=None) -> int:
         n += L
     prompts_base = W * (L + 1)
     same_seq = same_tok = total_tok = 0
+    margins: list[float] = []
+    eos = hf.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
     for i in range(a.prompts):
         prompt = stream[prompts_base + i * a.prompt_len: prompts_base + (i + 1) * a.prompt_len].tolist()
-        ours = greedy_runtime(session, prompt, a.new_tokens)
+        ours = greedy_runtime(session, prompt, a.new_tokens, eos)
         with torch.no_grad():
-            ref = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=a.new_tokens,
+            # explicit mask: generate() would otherwise treat <|endoftext|> (the pad id) inside a
+            # prompt that spans two files as padding and mask it out
+            ids = torch.tensor([prompt])
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=a.new_tokens,
                               min_new_tokens=a.new_tokens, top_k=None, top_p=None, temperature=None,
-                              pad_token_id=hf.generation_config.pad_token_id, eos_token_id=None)[0, len(prompt):].tolist()
+                              pad_token_id=hf.generation_config.pad_token_id, eos_token_id=None,
+                              output_logits=True, return_dict_in_generate=True)
+        ref = out.sequences[0, len(prompt):].tolist()
         k = next((j for j, (x, y) in enumerate(zip(ours, ref)) if x != y), len(ref))
+        if k < len(ref):  # how close transformers' own top two were where the paths split
+            lg = out.logits[k][0]
+            margins.append(float(lg[ref[k]] - lg[ours[k]]))
         same_seq += int(k == len(ref))
         same_tok += k
         total_tok += len(ref)
@@ -163,7 +178,8 @@ def main(argv=None) -> int:
         "perplexity_qcn": math.exp(nll_q / n), "perplexity_transformers": math.exp(nll_h / n),
         "perplexity_ratio": math.exp((nll_q - nll_h) / n), "max_abs_logit_diff": max_diff,
         "top1_agreement": agree / n, "greedy_identical_continuations": f"{same_seq}/{a.prompts}",
-        "greedy_tokens_before_first_difference": same_tok / total_tok, "seconds": time.perf_counter() - t0,
+        "greedy_tokens_before_first_difference": same_tok / total_tok,
+        "logit_margin_at_first_difference": margins, "seconds": time.perf_counter() - t0,
     }
     w = max(len(k) for k in res)
     for k, v in res.items():
