@@ -25,7 +25,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -101,16 +100,6 @@ def greedy_runtime(session, prompt: list[int], n: int, eos: list[int]) -> list[i
     return out
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def nll(logits: np.ndarray, targets: np.ndarray) -> float:
     lg = torch.from_numpy(np.ascontiguousarray(logits)).double()
     return torch.nn.functional.cross_entropy(lg, torch.from_numpy(targets), reduction="sum").item()
@@ -123,6 +112,8 @@ def main(argv=None) -> int:
     from qcn.compile.pipeline import compile_recipe
     from qcn.compile.recipe import load_recipe
     from qcn.runtime.generate import load
+
+    from cpu_decode import cpu_model  # benchmarks/ is on sys.path when run as a script
 
     torch.set_num_threads(a.threads)
     if not (a.artifact / "manifest.json").is_file():
@@ -173,7 +164,7 @@ def main(argv=None) -> int:
     gen.close()
     res = {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{_cpu()} ({os.cpu_count()} logical CPUs), threads {a.threads}", "checkpoint": str(a.checkpoint),
+        "machine": f"{cpu_model()} ({os.cpu_count()} logical CPUs), threads {a.threads}", "checkpoint": str(a.checkpoint),
         "artifact": str(a.artifact), "scored_tokens": n,
         "perplexity_qcn": math.exp(nll_q / n), "perplexity_transformers": math.exp(nll_h / n),
         "perplexity_ratio": math.exp((nll_q - nll_h) / n), "max_abs_logit_diff": max_diff,
