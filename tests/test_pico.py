@@ -31,10 +31,15 @@ def hf():
 
 
 @pytest.fixture(scope="module")
-def gen(tmp_path_factory):
+def artifact(tmp_path_factory) -> Path:
     recipe = Recipe(name="test-pico", checkpoint=PICO, output=tmp_path_factory.mktemp("pico") / "artifact",
                     export=ExportOptions(), runtime=RuntimeOptions(prefill_chunk=64, max_batch=4, max_context=512))
-    g = load(compile_recipe(recipe), threads=2)
+    return compile_recipe(recipe)
+
+
+@pytest.fixture(scope="module")
+def gen(artifact):
+    g = load(artifact, threads=2)
     yield g
     g.close()
 
@@ -126,3 +131,23 @@ def test_card_samples_are_what_the_runtime_generates(gen, report):
     results = gen.generate(prompts, gen.params(max_new_tokens=64, temperature=0))
     for s, res in zip(report["samples"], results):
         assert gen.tokenizer.decode(res.token_ids, skip_special_tokens=True) == s["completion"], s["prompt"]
+
+
+def test_accuracy_benchmark_runs_and_agrees(artifact, tmp_path):
+    import importlib.util
+    import sys
+
+    bench_dir = Path(__file__).resolve().parent.parent / "benchmarks"
+    sys.path.insert(0, str(bench_dir))
+    try:
+        spec = importlib.util.spec_from_file_location("accuracy_bench", bench_dir / "accuracy.py")
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        out = tmp_path / "acc.json"
+        assert bench.main(["--artifact", str(artifact), "--windows", "1", "--window-len", "48", "--prompts", "2",
+                           "--new-tokens", "6", "--json", str(out)]) == 0
+    finally:
+        sys.path.remove(str(bench_dir))
+    r = json.loads(out.read_text())
+    assert r["scored_tokens"] == 48 and abs(r["perplexity_ratio"] - 1) < 1e-4
+    assert r["max_abs_logit_diff"] < 1e-3 and r["greedy_identical_continuations"] == "2/2"
