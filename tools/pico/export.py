@@ -5,16 +5,13 @@ model.safetensors (bf16; main model in the Hub per-expert layout, plus `mtp.*`),
 tokenizer_config.json (Qwen special tokens, chat template), eval.json, README.md.
 Everything is measured on the files as written (bf16 weights, loaded back with
 `Qwen3NextForCausalLM.from_pretrained` and computed in fp32). Written to a temporary sibling,
-then renamed into place.
+then renamed into place (`qcn.compile.artifacts.atomic_dir`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from qcn.compile.artifacts import atomic_dir
 from qcn.compile.export.tiny import config_dict, write_tokenizer
 
 from . import data, evaluate
@@ -72,9 +70,7 @@ def export(work: Path, cfg: PicoConfig, out: Path, *, max_eval_windows: int | No
     model, base_state = load_base(work, cfg)
     mtp = load_mtp(work, cfg, model)
     spec = cfg.model
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model.config.output_router_logits = False
         model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
         tensors = {}
@@ -122,18 +118,6 @@ def export(work: Path, cfg: PicoConfig, out: Path, *, max_eval_windows: int | No
         }
         (tmp / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "README.md").write_text(render_card(report, cfg))
-        for f in tmp.iterdir():
+        for f in tmp.iterdir():  # safetensors writes owner-only files
             f.chmod(0o644)
-        tmp.chmod(0o755)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
