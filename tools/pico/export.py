@@ -80,10 +80,10 @@ def export(work: Path, cfg: PicoConfig, out: Path, *, max_eval_windows: int | No
         tensors |= {k: v.to(torch.bfloat16) for k, v in mtp_checkpoint_tensors(mtp, spec.num_experts).items()}
         save_file(dict(sorted(tensors.items())), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config_dict(spec, dtype="bfloat16"), indent=2) + "\n")
-        ids = config_dict(spec)
+        special = config_dict(spec)  # bos/eos/pad ids
         (tmp / "generation_config.json").write_text(json.dumps({
-            "bos_token_id": ids["bos_token_id"], "do_sample": True,
-            "eos_token_id": [ids["eos_token_id"], ids["pad_token_id"]], "pad_token_id": ids["pad_token_id"],
+            "bos_token_id": special["bos_token_id"], "do_sample": True,
+            "eos_token_id": [special["eos_token_id"], special["pad_token_id"]], "pad_token_id": special["pad_token_id"],
             "temperature": 1.0, "top_k": 40, "top_p": 0.95}, indent=2) + "\n")
         write_tokenizer(tmp, (work / "tokenizer.json").read_text(), spec.vocab_size, spec.max_position_embeddings)
 
@@ -99,8 +99,8 @@ def export(work: Path, cfg: PicoConfig, out: Path, *, max_eval_windows: int | No
         for prompt in SAMPLE_PROMPTS:
             ids_in = torch.tensor([tok.encode(prompt).ids])
             gen = shipped.generate(ids_in, max_new_tokens=64, do_sample=False, top_k=None, top_p=None,
-                                   temperature=None, eos_token_id=[ids["eos_token_id"], ids["pad_token_id"]],
-                                   pad_token_id=ids["pad_token_id"])
+                                   temperature=None, eos_token_id=[special["eos_token_id"], special["pad_token_id"]],
+                                   pad_token_id=special["pad_token_id"])
             samples.append({"prompt": prompt, "completion": tok.decode(gen[0, ids_in.shape[1]:].tolist()),
                             "new_tokens": int(gen.shape[1] - ids_in.shape[1])})
         logs = {p: [json.loads(line) for line in (work / f"{p}_log.jsonl").read_text().splitlines()] for p in ("base", "mtp")}

@@ -166,8 +166,7 @@ def train_mtp(work: Path, cfg: PicoConfig, max_minutes: float | None = None) -> 
         p.requires_grad_(False)
     mtp = MTPHead(model.config)
     torch.manual_seed(t.seed + 1)
-    nn_init = torch.nn.init
-    nn_init.normal_(mtp.fc.weight, std=0.02)
+    torch.nn.init.normal_(mtp.fc.weight, std=0.02)
     init_mtp_from(model, mtp)
     opt = torch.optim.AdamW(mtp.parameters(), lr=t.mtp_lr, betas=(0.9, 0.95), weight_decay=0.0)
     state = _load(work / "mtp.pt", cfg.digest("mtp"))
