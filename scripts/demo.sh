@@ -2,7 +2,7 @@
 # The main job on the embedded CPU default: models/qcn-pico (a small Qwen3-Next trained on the
 # Python standard library, shipped in the repo) -> qcn-compile recipes/pico_cpu.yaml -> qcn-run
 # completes a prompt: greedy by default; qcn-run flags after the prompt replace that, e.g.
-#   bash scripts/demo.sh "class Stack:" --temperature 0.7 --top-k 40 --seed 0
+#   bash scripts/demo.sh $'class Stack:\n' --temperature 0.7 --top-k 40 --seed 0
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
