@@ -15,14 +15,13 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers.decoders import DecodeStream
 
 from .errors import ArtifactError, TokenizerError
 
 __all__ = ["Tokenizer", "IncrementalDecoder"]
 
 log = logging.getLogger(__name__)
-
-_REPLACEMENT = "\ufffd"
 
 
 class Tokenizer:
@@ -73,41 +72,47 @@ class Tokenizer:
 class IncrementalDecoder:
     """Turns a growing list of token ids into text deltas, emitting only complete text.
 
-    A byte-level BPE token can end in the middle of a UTF-8 character; decoding then ends in
-    U+FFFD. Such text is held back until a later token completes it (or :meth:`flush` gives
-    up at the end). Decoding uses a short window of previous tokens as context, so each step
-    costs O(window), not O(length), and decoders that strip a leading space at the start of a
-    string (Metaspace) still produce the right delta.
+    ``tokenizers.decoders.DecodeStream`` does the work: a byte-level BPE token can end in the
+    middle of a UTF-8 character, so it holds such tokens back until a later one completes the
+    character, decodes against a short window of previous tokens (O(window) per step, and
+    decoders that strip a leading space at the start of a string still give the right delta).
+    What DecodeStream lacks is the end of a sequence: :meth:`flush` decodes the tokens it still
+    holds (possibly ending in U+FFFD) against the same window.
     """
 
-    def __init__(self, tokenizer: Tokenizer, window: int = 6):
+    _CONTEXT = 6  # ids of already emitted text that flush() decodes the held-back tail against
+
+    def __init__(self, tokenizer: Tokenizer):
         self._tok = tokenizer
-        self._ids: list[int] = []
-        self._prefix = 0  # start of the context window
-        self._read = 0  # ids before this are fully emitted
-        self._window = window
+        self._stream = DecodeStream(skip_special_tokens=False)
+        self._pending: list[int] = []  # pushed ids whose text DecodeStream has not returned yet
+        self._context: list[int] = []  # the last few ids whose text was returned
         self.text = ""  # everything emitted so far
 
     def push(self, token_id: int) -> str:
         """Add one token; return the newly complete text (may be "")."""
-        self._ids.append(int(token_id))
-        prefix_text = self._tok.decode(self._ids[self._prefix : self._read])
-        full = self._tok.decode(self._ids[self._prefix :])
-        if full.endswith(_REPLACEMENT) or not full.startswith(prefix_text):
-            return ""  # incomplete UTF-8 sequence: wait for more bytes
-        delta = full[len(prefix_text) :]
-        self._read = len(self._ids)
-        self._prefix = max(0, self._read - self._window)
+        token_id = int(token_id)
+        try:
+            delta = self._stream.step(self._tok._tok, token_id)
+        except Exception as e:  # tokenizers raises plain Exception subclasses
+            raise TokenizerError(f"cannot decode token id {token_id}: {e}") from None
+        self._pending.append(token_id)
+        if delta is None:
+            return ""  # incomplete UTF-8 sequence (or no text yet): wait for more tokens
+        self._context = (self._context + self._pending)[-self._CONTEXT :]
+        self._pending = []
         self.text += delta
         return delta
 
     def flush(self) -> str:
         """End of sequence: return whatever is still held back (may contain U+FFFD)."""
-        if self._read == len(self._ids):
+        if not self._pending:
             return ""
-        prefix_text = self._tok.decode(self._ids[self._prefix : self._read])
-        full = self._tok.decode(self._ids[self._prefix :])
-        delta = full[len(prefix_text) :] if full.startswith(prefix_text) else full
-        self._read = len(self._ids)
+        prefix = self._tok.decode(self._context)
+        full = self._tok.decode(self._context + self._pending)
+        delta = full[len(prefix) :] if full.startswith(prefix) else full
+        self._context = (self._context + self._pending)[-self._CONTEXT :]
+        self._pending = []
+        self._stream = DecodeStream(ids=self._context, skip_special_tokens=False)  # drop what flush emitted
         self.text += delta
         return delta
