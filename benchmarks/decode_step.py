@@ -9,7 +9,7 @@
 NOTE: written in a session WITHOUT a GPU. Only ``--dry-run`` (CPU, ``TRITON_INTERPRET=1``,
 tiny shapes) has been executed; the GPU mode (full sizes, CUDA graph, timings) has never run.
 
-Model (shared/design/FINDINGS.md, OPS.md): 48 layers, hidden 2048, layer i is gated attention
+Model (shared/design/FINDINGS.md, docs/OPS.md): 48 layers, hidden 2048, layer i is gated attention
 when i % 4 == 3 (12 layers: 16 Q / 2 KV heads x 256, q_proj gives [q | gate] per head,
 q_norm/k_norm, RoPE rotate-half on the first 64 dims, output * sigmoid(gate)) and Gated
 DeltaNet otherwise (36 layers: Hk=16, Hv=32, Dk=Dv=128, conv K=4); every layer ends in a MoE

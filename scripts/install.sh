@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs qcn and its test tools into the current Python (idempotent; sourced by demo.sh/test.sh).
+# Installs qcn with every extra (compile, gpu, serve) and the test tools, qcn[test], editable, into
+# the current Python (idempotent; called by demo.sh/test.sh). The runtime alone is `pip install .`.
 # torch comes first and pinned: the CPU build 2.13.0 sits in the local wheel folder that pip's
 # find-links points at; asking for a bare range with no torch installed would pull a CUDA build.
 set -euo pipefail

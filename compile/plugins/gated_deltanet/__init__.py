@@ -1,4 +1,4 @@
-"""GatedDeltaNet (``qcn::GatedDeltaNet``, shared/design/OPS.md): reference, Triton kernels, AOT PTX, TRT plugin.
+"""GatedDeltaNet (``qcn::GatedDeltaNet``, docs/OPS.md): reference, Triton kernels, AOT PTX, TRT plugin.
 
 Modules: ``reference`` (naive per-token PyTorch, float64 capable), ``decode`` (fused T = 1
 step), ``prefill`` (chunked WY form, any T), ``aot`` (PTX per target without a GPU),
@@ -17,7 +17,7 @@ def gated_deltanet(qkv, z, b, a, conv_weight, A_log, dt_bias, norm_weight, conv_
                    num_k_heads: int, norm_eps: float = 1e-6, **kw):
     """``qcn::GatedDeltaNet``: the decode kernel for T == 1, the chunked kernel otherwise.
 
-    Shapes as in OPS.md: qkv [B,T,C], z [B,T,Hv,Dv], b/a [B,T,Hv], conv_weight [C,K], A_log [Hv]
+    Shapes as in docs/OPS.md: qkv [B,T,C], z [B,T,Hv,Dv], b/a [B,T,Hv], conv_weight [C,K], A_log [Hv]
     fp32, dt_bias [Hv], norm_weight [Dv], conv_state [B,C,K-1], recurrent_state [B,Hv,Dk,Dv] fp32
     (updated in place). Returns (y [B,T,Hv*Dv], conv_state_out [B,C,K-1], recurrent_state).
     """

@@ -5,7 +5,7 @@
 does it for every target and returns ``{cc: AotKernel}`` (PTX text, kernel name, shared
 memory bytes, num_warps, ...), which is what the TensorRT plugin (trt_plugin.py) embeds.
 
-Kernel ABI (what the plugin launches): pointer parameters in OPS.md order
+Kernel ABI (what the plugin launches): pointer parameters in docs/OPS.md order
 ``qkv, z, b, a, conv_weight, A_log, dt_bias, norm_weight, conv_state, recurrent_state``,
 then the int32 scalars (prefill: ``T``; decode: none), then the outputs
 ``y, conv_state_out, recurrent_state_out``. Grid (Hv, B, 1), block (32*num_warps, 1, 1),

@@ -43,7 +43,7 @@ def _conv_step(qkv_ptr, cw_ptr, cs_ptr, cso_ptr, row_qkv, row_cs, ch, mask, WRIT
 
 @triton.jit(do_not_specialize=["T"])
 def gdn_decode_kernel(
-    # inputs (OPS.md order)
+    # inputs (docs/OPS.md order)
     qkv_ptr, z_ptr, b_ptr, a_ptr, cw_ptr, A_log_ptr, dt_bias_ptr, nw_ptr, cs_ptr, s_ptr,
     # runtime scalars (same ABI as the prefill kernel; T must be 1 here)
     T,

@@ -1,6 +1,6 @@
 """qcn::GatedDeltaNet: one linear-attention (Gated DeltaNet) layer between its projections.
 
-Shapes (OPS.md): B batch, T tokens, C = 2*Hk*Dk + Hv*Dv conv channels, K conv kernel.
+Shapes (docs/OPS.md): B batch, T tokens, C = 2*Hk*Dk + Hv*Dv conv channels, K conv kernel.
     qkv [B, T, C]  contiguous q | k | v after in_proj, before the conv
     z [B, T, Hv, Dv], b [B, T, Hv], a [B, T, Hv]
     conv_weight [C, K], A_log [Hv] fp32, dt_bias [Hv], norm_weight [Dv]

@@ -94,7 +94,7 @@ def _gated_rmsnorm_store(o, z_ptr, nw_ptr, y_ptr, row, ov, mt, mv, DV: tl.conste
 
 @triton.jit(do_not_specialize=["T"])  # one binary for every T (no T == 1 / T % 16 variants)
 def gdn_prefill_kernel(
-    # inputs (OPS.md order)
+    # inputs (docs/OPS.md order)
     qkv_ptr, z_ptr, b_ptr, a_ptr, cw_ptr, A_log_ptr, dt_bias_ptr, nw_ptr, cs_ptr, s_ptr,
     # runtime scalars
     T,

@@ -1,11 +1,11 @@
-"""Naive per-token PyTorch reference of ``qcn::GatedDeltaNet`` (see shared/design/OPS.md).
+"""Naive per-token PyTorch reference of ``qcn::GatedDeltaNet`` (see docs/OPS.md).
 
 This is the numerical ground truth for the Triton kernels in this package. It follows
 transformers' ``Qwen3NextGatedDeltaNet`` step by step (``causal_conv1d_update``,
 ``l2norm``, ``torch_recurrent_gated_delta_rule``, ``Qwen3NextRMSNormGated``) but takes
 the op's contiguous ``q | k | v`` layout and explicit states, and can run in float64.
 
-Shapes (letters as in OPS.md)::
+Shapes (letters as in docs/OPS.md)::
 
     qkv             [B, T, C]        C = 2*Hk*Dk + Hv*Dv, activation dtype
     z               [B, T, Hv, Dv]

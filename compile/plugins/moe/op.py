@@ -1,6 +1,6 @@
 """qcn::MoE: router + routed experts + gated shared expert of one sparse MoE layer.
 
-Shapes (OPS.md): N tokens (= B*T), H hidden, E experts, I expert width, Is shared width.
+Shapes (docs/OPS.md): N tokens (= B*T), H hidden, E experts, I expert width, Is shared width.
     x [N, H], router_weight [E, H], gate_up [E, 2I, H] (gate rows first), down [E, H, I],
     shared_gate_up [2Is, H] (gate rows first), shared_down [H, Is], shared_gate [1, H]
  -> y [N, H] = sum_k p_k * expert_k(x) + sigmoid(x . shared_gate) * shared_expert(x)
@@ -10,7 +10,7 @@ formats arrive with the quantization passes and are rejected until then).
 Router as transformers' Qwen3NextTopKRouter: logits in the activation dtype, softmax over E in
 fp32, top-k, renormalised when norm_topk_prob, then cast to the activation dtype.
 expert(x) = down(silu(gate(x)) * up(x)). Exact ties in top-k go to the lowest expert index (ONNX
-TopK's rule). OPS.md says torch.topk does the same; on CPU it does not (it returned [2, 4] for
+TopK's rule; docs/OPS.md). torch.topk does not promise that on CPU (it returned [2, 4] for
 five equal probabilities), so the reference below uses a stable sort, not torch.topk.
 
 The function body computes every expert for every token and weights the results with a dense

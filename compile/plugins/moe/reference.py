@@ -1,4 +1,4 @@
-"""Naive PyTorch reference of qcn::MoE (OPS.md), the yardstick for the Triton kernels.
+"""Naive PyTorch reference of qcn::MoE (docs/OPS.md), the yardstick for the Triton kernels.
 
 Written for clarity, not speed: a per-expert loop in a chosen compute dtype (float64 by
 default). Quantized weight formats are compared against this reference run on the
