@@ -131,3 +131,25 @@ def test_runtime_only_install_runs_pico(wheel, pico_artifact, tmp_path, capsys):
         ours = capsys.readouterr().out
         assert len(ours.strip()) > 10
         assert r.stdout == ours, (extra, r.stdout, ours)
+
+    # the compile commands exist in a runtime-only install, and say which extra they need
+    for cmd in (["qcn-compile", str(REPO / "recipes" / "pico_cpu.yaml"), "--out", str(tmp_path / "out")],
+                ["qcn-tiny-checkpoint", str(tmp_path / "ckpt")]):
+        r = subprocess.run([str(bindir / cmd[0]), *cmd[1:]], capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert r.returncode == 2 and r.stdout == "", (cmd, r.stdout, r.stderr)
+        assert r.stderr.count("\n") == 1 and "'compile' extra" in r.stderr and "qcn[compile]" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ckpt").exists()
+
+
+def test_missing_extra_is_one_line_and_other_import_errors_are_not_hidden(monkeypatch, capsys):
+    from qcn import _entry
+
+    def fake_import(name):
+        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+    monkeypatch.setattr(_entry, "import_module", lambda m: fake_import("torch"))
+    assert _entry.run("qcn-compile", "qcn.compile.cli", "compile") == 2
+    assert "needs the 'compile' extra ('torch' is not installed)" in capsys.readouterr().err
+    monkeypatch.setattr(_entry, "import_module", lambda m: fake_import("qcn.compile.no_such_module"))
+    with pytest.raises(ModuleNotFoundError):  # a bug of ours, not a missing extra: the traceback stays
+        _entry.run("qcn-compile", "qcn.compile.cli", "compile")
