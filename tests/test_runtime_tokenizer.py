@@ -88,3 +88,15 @@ def test_bad_tokenizer_file(tmp_path):
     p.write_text("{not json")
     with pytest.raises(ArtifactError, match="cannot load tokenizer"):
         Tokenizer.from_file(p)
+
+
+def test_incremental_on_the_pico_tokenizer_matches_full_decode():
+    """qcn-pico's real byte-level BPE (Qwen's pre-tokenizer and specials) over code, prose, non-ASCII
+    and special tokens: the streamed deltas join to the full decode, and none ends mid-character."""
+    tok = Tokenizer.from_file(Path(__file__).parent.parent / "models" / "qcn-pico" / "tokenizer.json")
+    text = "".join(rf.CORPUS) + "<|im_end|>\n" + (Path(__file__).read_text() * 2)
+    ids = tok.encode(text)
+    dec = tok.incremental_decoder()
+    deltas = [dec.push(i) for i in ids]
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) + dec.flush() == tok.decode(ids) == text
