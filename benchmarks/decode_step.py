@@ -77,9 +77,8 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-ARGS = parse_args()
-if ARGS.dry_run:
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+if __name__ == "__main__" and "--dry-run" in sys.argv[1:]:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (importers set it themselves)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -195,15 +194,13 @@ def probe_scaled_mm(dev, b, s):
 
 class DecodeModel:
     def __init__(self, s, dev, *, batch, context, n_layers, experts, proj_fp8, moe_cfg, attn_cfg, seed):
-        self.s, self.dev, self.B, self.ctx = s, dev, batch, context
+        self.s, self.dev = s, dev
         self.fmt = {"bf16": "dense", "fp8": "fp8", "int4": "int4"}[experts]
         self.moe_cfg, self.attn_cfg = moe_cfg, attn_cfg
-        self.moe_path = "decode" if batch <= DECODE_MAX_TOKENS else "prefill"
-        init = Init(dev, seed)
+        self.init = init = Init(dev, seed)
         H, HK, HV, DK, DV, KC = s["H"], s["HK"], s["HV"], s["DK"], s["DV"], s["KC"]
         HQ, KVH, D = s["HQ"], s["KVH"], s["D"]
         self.C = C = 2 * HK * DK + HV * DV
-        self.P = context + 1  # cache length: filled positions + the slot the new token is written to
 
         self.embed = init.randn(s["V"], H, std=1.0)
         self.final_norm = init.randn(H, std=0.1)
@@ -217,14 +214,11 @@ class DecodeModel:
                          w_ba=Linear(init, 2 * HV, H, proj_fp8), w_out=Linear(init, H, HV * DV, proj_fp8),
                          conv_w=init.randn(C, KC, std=KC ** -0.5),
                          A_log=torch.log(init.uniform(HV, lo=1.0, hi=16.0)),
-                         dt_bias=init.randn(HV, std=0.5), norm_w=1.0 + init.randn(DV, std=0.1),
-                         conv=[init.randn(batch, C, KC - 1), torch.zeros(batch, C, KC - 1, device=dev, dtype=ACT)],
-                         state=init.randn(batch, HV, DK, DV, std=0.05, dtype=torch.float32))
+                         dt_bias=init.randn(HV, std=0.5), norm_w=1.0 + init.randn(DV, std=0.1))
             else:
                 L.update(w_q=Linear(init, HQ * 2 * D, H, proj_fp8), w_k=Linear(init, KVH * D, H, proj_fp8),
                          w_v=Linear(init, KVH * D, H, proj_fp8), w_o=Linear(init, H, HQ * D, proj_fp8),
-                         q_norm=init.randn(D, std=0.1), k_norm=init.randn(D, std=0.1),
-                         cache_k=init.randn(batch, KVH, self.P, D), cache_v=init.randn(batch, KVH, self.P, D))
+                         q_norm=init.randn(D, std=0.1), k_norm=init.randn(D, std=0.1))
             gu, gus = init.experts(self.fmt, (s["E"], 2 * s["I"]), H, s["G"])
             dn, dns = init.experts(self.fmt, (s["E"], H), s["I"], s["G"])
             sgu, sgus = init.experts(self.fmt, (2 * s["IS"],), H, s["G"])
@@ -239,12 +233,33 @@ class DecodeModel:
             L["moe"] = moe
             self.layers.append(L)
 
+        rot = s["ROT"]
+        self.inv_freq = 1.0 / (s["THETA"] ** (torch.arange(0, rot, 2, device=dev, dtype=torch.float32) / rot))
+        self.set_batch(batch, context)
+
+    def set_batch(self, batch, context):
+        """(Re)allocate the per-sequence tensors for ``batch`` sequences of ``context`` filled positions:
+        DeltaNet conv states (two buffers) and fp32 states, KV caches, the token and position inputs.
+        The weights are kept, so one model serves several batch / context points."""
+        s, dev, init = self.s, self.dev, self.init
+        HV, DK, DV, KC, KVH, D = s["HV"], s["DK"], s["DV"], s["KC"], s["KVH"], s["D"]
+        self.B, self.ctx = batch, context
+        self.P = context + 1  # cache length: filled positions + the slot the new token is written to
+        self.moe_path = "decode" if batch <= DECODE_MAX_TOKENS else "prefill"
+        for L in self.layers:
+            for k in ("conv", "state", "cache_k", "cache_v"):
+                L.pop(k, None)  # free the old buffers before allocating the new ones
+        for L in self.layers:
+            if L["kind"] == "gdn":
+                L.update(conv=[init.randn(batch, self.C, KC - 1),
+                               torch.zeros(batch, self.C, KC - 1, device=dev, dtype=ACT)],
+                         state=init.randn(batch, HV, DK, DV, std=0.05, dtype=torch.float32))
+            else:
+                L.update(cache_k=init.randn(batch, KVH, self.P, D), cache_v=init.randn(batch, KVH, self.P, D))
         # decode-time inputs (device tensors, so a captured graph sees them)
         self.tok = torch.randint(0, s["V"], (batch,), device=dev, generator=init.gen)
         self.past_len = torch.full((batch,), context, device=dev, dtype=torch.int64)
         self.pos = torch.full((1,), context, device=dev, dtype=torch.int64)
-        rot = s["ROT"]
-        self.inv_freq = 1.0 / (s["THETA"] ** (torch.arange(0, rot, 2, device=dev, dtype=torch.float32) / rot))
 
     # -- helpers
     def rmsnorm(self, x, w):
@@ -445,39 +460,10 @@ def estimate_weight_bytes(s, n_layers, fmt, proj_fp8, batch, context):
     return total
 
 
-def main():
-    if ARGS.dry_run:
-        return dry_run()
-    if not torch.cuda.is_available():
-        sys.exit("no CUDA device: use --dry-run")
-    s, dev = FULL, torch.device("cuda")
-    n_layers = ARGS.layers or s["L"]
-    fmt = {"bf16": "dense", "fp8": "fp8", "int4": "int4"}[ARGS.experts]
-    name = torch.cuda.get_device_name(dev)
-    print(f"device: {name}; torch {torch.__version__}")
-    bw = copy_bandwidth(dev)
-    print(f"copy bandwidth (2 GiB device-to-device, read+write): {bw / 1e9:.0f} GB/s")
-
-    proj_fp8 = False
-    if ARGS.proj == "fp8":
-        proj_fp8, why = probe_scaled_mm(dev, ARGS.batch, s)
-        print(f"projections: {'FP8 via torch._scaled_mm' if proj_fp8 else 'BF16 (fallback: ' + why + ')'}")
-    else:
-        print("projections: BF16 (F.linear)")
-    need = estimate_weight_bytes(s, n_layers, fmt, proj_fp8, ARGS.batch, ARGS.context)
-    free, total = torch.cuda.mem_get_info(dev)
-    print(f"model: {n_layers} layers, experts {ARGS.experts}, batch {ARGS.batch}, context {ARGS.context}; "
-          f"~{need / 2**30:.1f} GiB needed, {free / 2**30:.1f} of {total / 2**30:.1f} GiB free")
-    if need > 0.97 * free:
-        sys.exit(f"does not fit: ~{need / 2**30:.1f} GiB > {free / 2**30:.1f} GiB free; use --layers N, "
-                 f"--experts int4 or a larger GPU (FP8 experts need an H200)")
-    t0 = time.time()
-    model = DecodeModel(s, dev, batch=ARGS.batch, context=ARGS.context, n_layers=n_layers, experts=ARGS.experts,
-                        proj_fp8=proj_fp8, moe_cfg=MoEConfig(), attn_cfg=DecodeAttentionConfig(), seed=ARGS.seed)
-    torch.cuda.synchronize()
-    print(f"built in {time.time() - t0:.1f}s; {torch.cuda.memory_allocated(dev) / 2**30:.1f} GiB allocated; "
-          f"MoE path {model.moe_path}")
-
+def checked_step(model):
+    """One eager step of each conv parity, the first with every intermediate's shape, dtype and
+    finiteness checked and each MoE layer's distinct experts counted (host syncs: never captured).
+    Returns (number of tensors checked, distinct experts per MoE layer)."""
     n_checked = [0]
 
     def check(nm, t, shape, dtype):
@@ -488,40 +474,89 @@ def main():
     routed = []
     model.step(0, check=check, routed=routed)
     model.step(1)  # both parities ran eagerly once
-    torch.cuda.synchronize()
-    print(f"checked step: {n_checked[0]} tensors, shapes/dtypes ok, finite; distinct experts per MoE layer: "
-          f"mean {statistics.mean(routed):.1f} (top-{s['TOPK']} x batch {ARGS.batch})")
+    if model.dev.type == "cuda":
+        torch.cuda.synchronize()
+    return n_checked[0], routed
 
-    ms = time_steps(model, not ARGS.no_cuda_graph, ARGS.iters, ARGS.warmup)
+
+def measure(model, bw, *, use_graph=True, iters=50, warmup=10):
+    """Check one step (``checked_step``), time steps (``time_steps``) and count the bytes; returns a dict:
+    ms (median per step), tokens_per_s, bytes (per step) and bytes_by_category, GBps, copy_frac
+    (achieved / copy bandwidth bw in bytes/s), bound_ms / bound_tokens_per_s (counted bytes / bw),
+    checked, routed."""
+    n_checked, routed = checked_step(model)
+    ms = time_steps(model, use_graph, iters, warmup)
     cat = count_bytes(model, routed)
     byt = sum(cat.values())
-    B = ARGS.batch
+    achieved = byt / (ms * 1e-3)
+    bound_ms = byt / bw * 1e3
+    return dict(ms=ms, tokens_per_s=model.B * 1e3 / ms, bytes=byt, bytes_by_category=cat, GBps=achieved / 1e9,
+                copy_frac=achieved / bw, bound_ms=bound_ms, bound_tokens_per_s=model.B * 1e3 / bound_ms,
+                checked=n_checked, routed=routed)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.dry_run:
+        return dry_run(args)
+    if not torch.cuda.is_available():
+        sys.exit("no CUDA device: use --dry-run")
+    s, dev = FULL, torch.device("cuda")
+    n_layers = args.layers or s["L"]
+    fmt = {"bf16": "dense", "fp8": "fp8", "int4": "int4"}[args.experts]
+    name = torch.cuda.get_device_name(dev)
+    print(f"device: {name}; torch {torch.__version__}")
+    bw = copy_bandwidth(dev)
+    print(f"copy bandwidth (2 GiB device-to-device, read+write): {bw / 1e9:.0f} GB/s")
+
+    proj_fp8 = False
+    if args.proj == "fp8":
+        proj_fp8, why = probe_scaled_mm(dev, args.batch, s)
+        print(f"projections: {'FP8 via torch._scaled_mm' if proj_fp8 else 'BF16 (fallback: ' + why + ')'}")
+    else:
+        print("projections: BF16 (F.linear)")
+    need = estimate_weight_bytes(s, n_layers, fmt, proj_fp8, args.batch, args.context)
+    free, total = torch.cuda.mem_get_info(dev)
+    print(f"model: {n_layers} layers, experts {args.experts}, batch {args.batch}, context {args.context}; "
+          f"~{need / 2**30:.1f} GiB needed, {free / 2**30:.1f} of {total / 2**30:.1f} GiB free")
+    if need > 0.97 * free:
+        sys.exit(f"does not fit: ~{need / 2**30:.1f} GiB > {free / 2**30:.1f} GiB free; use --layers N, "
+                 f"--experts int4 or a larger GPU (FP8 experts need an H200)")
+    t0 = time.time()
+    model = DecodeModel(s, dev, batch=args.batch, context=args.context, n_layers=n_layers, experts=args.experts,
+                        proj_fp8=proj_fp8, moe_cfg=MoEConfig(), attn_cfg=DecodeAttentionConfig(), seed=args.seed)
+    torch.cuda.synchronize()
+    print(f"built in {time.time() - t0:.1f}s; {torch.cuda.memory_allocated(dev) / 2**30:.1f} GiB allocated; "
+          f"MoE path {model.moe_path}")
+
+    r = measure(model, bw, use_graph=not args.no_cuda_graph, iters=args.iters, warmup=args.warmup)
+    print(f"checked step: {r['checked']} tensors, shapes/dtypes ok, finite; distinct experts per MoE layer: "
+          f"mean {statistics.mean(r['routed']):.1f} (top-{s['TOPK']} x batch {args.batch})")
+    cat, byt, B, ms = r["bytes_by_category"], r["bytes"], args.batch, r["ms"]
     print(f"\nbytes moved per step (hand count; per token = / batch {B}):")
     for k, v in cat.items():
         print(f"  {k:36s} {v / 1e6:12.2f} MB  {100 * v / byt:5.1f}%")
     print(f"  {'total':36s} {byt / 1e6:12.2f} MB  (per token {byt / B / 1e9:.3f} GB)")
-    achieved = byt / (ms * 1e-3)
-    bound_ms = byt / bw * 1e3
-    mode = "CUDA graph" if not ARGS.no_cuda_graph else "eager launches"
-    print(f"\n{name}, {mode}, experts {ARGS.experts}, projections {'fp8' if proj_fp8 else 'bf16'}, "
-          f"{n_layers} layers, batch {B}, context {ARGS.context}:")
-    print(f"  {ms:.3f} ms per step (median of {ARGS.iters}) = {ms:.3f} ms/token latency per sequence; "
-          f"{B * 1e3 / ms:.1f} tokens/s")
-    print(f"  {achieved / 1e9:.0f} GB/s = {100 * achieved / bw:.1f}% of the measured copy bandwidth "
+    mode = "CUDA graph" if not args.no_cuda_graph else "eager launches"
+    print(f"\n{name}, {mode}, experts {args.experts}, projections {'fp8' if proj_fp8 else 'bf16'}, "
+          f"{n_layers} layers, batch {B}, context {args.context}:")
+    print(f"  {ms:.3f} ms per step (median of {args.iters}) = {ms:.3f} ms/token latency per sequence; "
+          f"{r['tokens_per_s']:.1f} tokens/s")
+    print(f"  {r['GBps']:.0f} GB/s = {100 * r['copy_frac']:.1f}% of the measured copy bandwidth "
           f"({bw / 1e9:.0f} GB/s)")
-    print(f"  this run's bound (counted bytes / copy bandwidth): {bound_ms:.3f} ms/step, "
-          f"{B * 1e3 / bound_ms:.0f} tokens/s")
+    print(f"  this run's bound (counted bytes / copy bandwidth): {r['bound_ms']:.3f} ms/step, "
+          f"{r['bound_tokens_per_s']:.0f} tokens/s")
     print("  " + FINDINGS_ROOFLINE)
 
 
-def dry_run():
+def dry_run(args):
     s, dev = TINY, torch.device("cpu")
     t0 = time.time()
     moe_cfg = MoEConfig(router_bn=16, router_bk=32, topk_bh=32, decode_bn_gate_up=16, decode_bn_down=32,
                         decode_bk=32, prefill_bm=16, prefill_bn=32, prefill_bk=32, align_block=64, combine_bh=64)
     attn_cfg = DecodeAttentionConfig(partition=32, block_n=16, block_s=4)
-    batch, context = (2 if ARGS.batch == 1 else min(ARGS.batch, 4)), 40
-    n_layers = ARGS.layers or s["L"]
+    batch, context = (2 if args.batch == 1 else min(args.batch, 4)), 40
+    n_layers = args.layers or s["L"]
     proj_ok, why = probe_scaled_mm(dev, batch, s)
     print(f"dry run on CPU (TRITON_INTERPRET=1): {n_layers} layers "
           f"({sum(not is_attn(i, s) for i in range(n_layers))} DeltaNet + {sum(is_attn(i, s) for i in range(n_layers))}"
@@ -533,7 +568,7 @@ def dry_run():
     for experts, proj, steps in (("int4", "fp8", 2), ("fp8", "bf16", 1), ("bf16", "bf16", 1)):
         proj_fp8 = proj == "fp8" and proj_ok
         model = DecodeModel(s, dev, batch=batch, context=context, n_layers=n_layers, experts=experts,
-                            proj_fp8=proj_fp8, moe_cfg=moe_cfg, attn_cfg=attn_cfg, seed=ARGS.seed)
+                            proj_fp8=proj_fp8, moe_cfg=moe_cfg, attn_cfg=attn_cfg, seed=args.seed)
         seen = []
 
         def check(nm, t, shape, dtype, seen=seen):

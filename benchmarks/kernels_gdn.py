@@ -139,7 +139,12 @@ def fla_fn():
 
 
 def make_fla_runner(inp, Hk):
-    """fla core recurrence on pre-conv'd, pre-expanded q/k/v (conv and norm excluded)."""
+    """fla core recurrence on the (pre-conv) q/k/v split of qkv: conv and gated norm excluded.
+
+    Newer fla (>= 0.4) takes Hk q/k heads for Hv v heads (GVA) and fuses the gate and beta
+    activations (``use_gate_in_kernel``, ``use_beta_sigmoid_in_kernel``): that is tried first, with
+    the raw a / b like our op. Older fla gets q/k expanded to Hv heads and g / beta precomputed
+    outside the timed region. ``run.mode`` says which ran."""
     import torch
     import torch.nn.functional as F
     fns = fla_fn()
@@ -151,17 +156,25 @@ def make_fla_runner(inp, Hk):
     Hv, Dv = z.shape[2:]
     Dk = (C - Hv * Dv) // (2 * Hk)
     q, k, v = torch.split(qkv, [Hk * Dk, Hk * Dk, Hv * Dv], -1)
-    rep = Hv // Hk
-    q = q.reshape(B, T, Hk, Dk).repeat_interleave(rep, 2).contiguous()
-    k = k.reshape(B, T, Hk, Dk).repeat_interleave(rep, 2).contiguous()
+    q, k = q.reshape(B, T, Hk, Dk).contiguous(), k.reshape(B, T, Hk, Dk).contiguous()
     v = v.reshape(B, T, Hv, Dv).contiguous()
-    g = (-inp["A_log"].exp() * F.softplus(inp["a"].float() + inp["dt_bias"].float())).contiguous()
-    beta = inp["b"].sigmoid().contiguous()
     fn = recur if T == 1 else chunk
+    state = inp["recurrent_state"]
+    fused = dict(g=inp["a"].contiguous(), beta=inp["b"].contiguous(), use_gate_in_kernel=True,
+                 A_log=inp["A_log"], dt_bias=inp["dt_bias"], use_beta_sigmoid_in_kernel=True)
+    try:  # GVA + fused gates (fla >= 0.4); one untimed call checks that this fla takes them
+        fn(q, k, v, initial_state=state, output_final_state=True, use_qk_l2norm_in_kernel=True, **fused)
+        kw, qq, kk, mode = fused, q, k, "GVA, gates fused"
+    except Exception:  # noqa: BLE001 - older fla: expanded heads, gates precomputed
+        rep = Hv // Hk
+        qq = q.repeat_interleave(rep, 2).contiguous()
+        kk = k.repeat_interleave(rep, 2).contiguous()
+        g = (-inp["A_log"].exp() * F.softplus(inp["a"].float() + inp["dt_bias"].float())).contiguous()
+        kw, mode = dict(g=g, beta=inp["b"].sigmoid().contiguous()), "q/k expanded to Hv, gates precomputed"
 
     def run(_inp=None, _Hk=None, _out=None):
-        fn(q, k, v, g=g, beta=beta, initial_state=inp["recurrent_state"], output_final_state=True,
-           use_qk_l2norm_in_kernel=True)
+        fn(qq, kk, v, initial_state=state, output_final_state=True, use_qk_l2norm_in_kernel=True, **kw)
+    run.mode = mode
     return run
 
 

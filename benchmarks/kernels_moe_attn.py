@@ -40,9 +40,8 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-ARGS = parse_args()
-if ARGS.dry_run:
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+if __name__ == "__main__" and "--dry-run" in sys.argv[1:]:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (importers set it themselves)
 
 import torch  # noqa: E402
 
@@ -56,21 +55,30 @@ from qcn.compile.plugins.moe import (  # noqa: E402
     quantize_moe_weights,
 )
 
-if ARGS.dry_run:
-    DEV = torch.device("cpu")
-    MOE = dict(H=64, E=9, K=3, I=32, IS=32, G=32, decode=(1, 5), prefill=(20,))
-    ATT = dict(HQ=4, KVH=2, D=32, B=1, ctx=(40, 70), P_pad=8)
-    MOE_CFG = MoEConfig(router_bn=16, router_bk=32, topk_bh=32, decode_bn_gate_up=16, decode_bn_down=32,
-                        decode_bk=32, prefill_bm=16, prefill_bn=32, prefill_bk=32, align_block=64, combine_bh=64)
-    ATT_CFG = DecodeAttentionConfig(partition=32, block_n=16, block_s=4)
-else:
-    if not torch.cuda.is_available():
-        sys.exit("no CUDA device: use --dry-run")
-    DEV = torch.device("cuda")
-    MOE = dict(H=2048, E=512, K=10, I=512, IS=512, G=128, decode=(1, 8), prefill=(2048,))
-    ATT = dict(HQ=16, KVH=2, D=256, B=1, ctx=(32 * 1024, 128 * 1024), P_pad=256)
-    MOE_CFG = MoEConfig()
-    ATT_CFG = DecodeAttentionConfig()
+ARGS = DEV = MOE = ATT = MOE_CFG = ATT_CFG = None  # set by main() / configure()
+
+
+def configure(dry_run: bool):
+    """Shapes, tile configs and device of this module: tiny shapes on CPU for ``dry_run`` (the
+    Triton interpreter: TRITON_INTERPRET=1 must be set before triton is imported), else the
+    model's real shapes on the CUDA device."""
+    global DEV, MOE, ATT, MOE_CFG, ATT_CFG
+    if dry_run:
+        DEV = torch.device("cpu")
+        MOE = dict(H=64, E=9, K=3, I=32, IS=32, G=32, decode=(1, 5), prefill=(20,))
+        ATT = dict(HQ=4, KVH=2, D=32, B=1, ctx=(40, 70), P_pad=8)
+        MOE_CFG = MoEConfig(router_bn=16, router_bk=32, topk_bh=32, decode_bn_gate_up=16, decode_bn_down=32,
+                            decode_bk=32, prefill_bm=16, prefill_bn=32, prefill_bk=32, align_block=64,
+                            combine_bh=64)
+        ATT_CFG = DecodeAttentionConfig(partition=32, block_n=16, block_s=4)
+    else:
+        DEV = torch.device("cuda")
+        MOE = dict(H=2048, E=512, K=10, I=512, IS=512, G=128, decode=(1, 8), prefill=(2048,))
+        ATT = dict(HQ=16, KVH=2, D=256, B=1, ctx=(32 * 1024, 128 * 1024), P_pad=256)
+        MOE_CFG = MoEConfig()
+        ATT_CFG = DecodeAttentionConfig()
+
+
 ACT = torch.bfloat16
 
 
@@ -312,7 +320,12 @@ def row(name, shape, ms, eager_ms, byt, flops, bw):
                 speedup=eager_ms / ms if ms == ms and eager_ms == eager_ms else float("nan"))
 
 
-def main():
+def main(argv=None):
+    global ARGS
+    ARGS = parse_args(argv)
+    if not ARGS.dry_run and not torch.cuda.is_available():
+        sys.exit("no CUDA device: use --dry-run")
+    configure(ARGS.dry_run)
     t0 = time.time()
     bw = copy_bandwidth()
     dev = torch.cuda.get_device_name(DEV) if DEV.type == "cuda" else "cpu (Triton interpreter, --dry-run)"
