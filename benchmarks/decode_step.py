@@ -53,7 +53,6 @@ times nothing, prints the full-size memory estimates, and ends with the line
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import sys

@@ -774,6 +774,16 @@ def worker_main(args):
     """Run the cases of --cases-file in order; one JSON line per result, flushed as it is written."""
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"
+    parent = os.getppid()
+
+    def orphan_watch():  # the suite was killed (SIGKILL leaves no handler): stop too, freeing the GPU
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(4)
+
+    import threading
+    threading.Thread(target=orphan_watch, daemon=True).start()
     use_checkout()
     import torch
     cases = [Case(**c) for c in json.loads(Path(args.cases_file).read_text())]
@@ -928,10 +938,8 @@ class Orchestrator:
     def kill_all(self):
         for p in self.procs:
             if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
+                p.kill()
+                p.wait()
         self.procs = []
 
     def start(self, section: Section, cases: list[Case], tag: str):
@@ -945,7 +953,8 @@ class Orchestrator:
                "--iters", str(self.args.iters), "--warmup", str(self.args.warmup)] + \
             (["--dry-run"] if self.args.dry_run else [])
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        p = subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=ROOT)
+        # same session as the suite (no setsid): whoever stops the suite stops its workers too
+        p = subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         self.procs.append(p)
         return dict(proc=p, jsonl=jl, stderr=self.tmp / f"{section.name}-{tag}.stderr", cases=cases, offset=0,
                     started=None, current=None, tag=tag)
@@ -978,7 +987,7 @@ class Orchestrator:
         t_end = time.time() + box
         t0 = time.time()
         queues = self.shard(section)
-        done, in_flight = set(), {}
+        done = set()
         workers, tag = [], 0
         for q in queues:
             if q:
