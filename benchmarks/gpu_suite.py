@@ -324,17 +324,25 @@ def decode_layers(experts: str) -> int:
 # ============================================================================ imports
 
 
-def use_checkout():
-    """Make ``import qcn`` and ``import qcn.compile...`` resolve to this checkout (pyproject's package-dir
-    mapping, loaded directly: the GPU machine has the working tree but no install; qcn.runtime is not needed
-    and not loaded). Also puts benchmarks/ on sys.path."""
-    import tomllib
+def package_roots() -> dict:
+    """``setup.py``'s ROOTS: import package -> source folder (``{"qcn": "qcn_pkg", "qcn.compile": "compile",
+    ...}``), read from its source (running setup.py would run setuptools)."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["ROOTS"]:
+            return ast.literal_eval(node.value)
+    raise RuntimeError(f"{ROOT / 'setup.py'} has no ROOTS = {{package: folder}} assignment")
 
+
+def use_checkout():
+    """Make ``import qcn`` and ``import qcn.compile...`` resolve to this checkout (setup.py's package roots,
+    loaded directly: the GPU machine has the working tree but no install; qcn.runtime is not needed and not
+    loaded). Also puts benchmarks/ on sys.path."""
     if str(BENCH) not in sys.path:
         sys.path.insert(0, str(BENCH))
     if "qcn" in sys.modules:  # imported already (a test process): keep what the importer chose
         return
-    mapping = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    mapping = package_roots()
     for name in ("qcn", "qcn.compile"):
         path = ROOT / mapping[name]
         spec = importlib.util.spec_from_file_location(name, path / "__init__.py",
