@@ -124,6 +124,7 @@ def correctness_cases(real: bool) -> list[Case]:
             _c(S, "attn bf16 P15", "attn", 1, dtype="bf16", B=2, P=15, HQ=4, KVH=2, D=32, cfg="test"),
             _c(S, "attn fp8 bytes P15", "attn", 1, dtype="bf16", B=2, P=15, HQ=4, KVH=2, D=32, cfg="test",
                fp8="software"),
+            _c(S, "moe NaN token stays local decode", "moe_nan", 1, path="decode"),
         ]
     # ---- Gated DeltaNet (test_gated_deltanet_kernels.py), then real sizes
     for cfg in ("gqa", "mha", "small"):
@@ -149,6 +150,8 @@ def correctness_cases(real: bool) -> list[Case]:
                      op="prefill"))
     for cfg in ("gqa", "real"):
         cs.append(_c(S, f"gdn chain 50+1+49 == 100 {cfg} fp32", "gdn_chain", 8 if cfg == "gqa" else 20, cfg=cfg))
+    for op, T, cfg in (("decode", 1, "gqa"), ("prefill", 20, "small"), ("decode", 1, "real")):
+        cs.append(_c(S, f"gdn batch invariance {op} {cfg}", "gdn_inv", 3, op=op, T=T, cfg=cfg))
     # ---- MoE (test_moe_kernels.py), then real sizes
     for dt, n, k, path, norm, cfg in (("fp32", 1, 1, "decode", True, "test"), ("fp32", 5, 3, "decode", False, "test"),
                                       ("fp32", 5, 3, "prefill", True, "test"), ("fp32", 17, 3, "auto", True, "test"),
@@ -169,6 +172,10 @@ def correctness_cases(real: bool) -> list[Case]:
                          path=path, cfg="default", size="real"))
     cs.append(_c(S, "moe real fp8(bytes) decode bf16 N8", "moe", 8, fmt="fp8", dtype="bf16", n=8, top_k=10,
                  path="decode", cfg="default", size="real", fp8_software=True))
+    for path, n, m in (("decode", 4, 1), ("prefill", 17, 9)):
+        cs.append(_c(S, f"moe batch invariance {path}", "moe_inv", 3, path=path, n=n, m=m))
+    for path in ("decode", "prefill"):
+        cs.append(_c(S, f"moe NaN token stays local {path}", "moe_nan", 3, path=path))
     # ---- attention (test_attention_kernels.py), then real sizes
     for dt, hq, kvh, d in (("fp32", 4, 2, 40), ("bf16", 3, 1, 48)):
         for P in (1, 15, 63, 65, 130):
@@ -179,6 +186,7 @@ def correctness_cases(real: bool) -> list[Case]:
     for fp8 in ("native", "software"):
         cs.append(_c(S, f"attn fp8 cache {fp8} P65", "attn", 2, dtype="bf16", B=2, P=65, HQ=4, KVH=2, D=40,
                      cfg="test", fp8=fp8))
+    cs.append(_c(S, "attn batch + buffer invariance", "attn_inv", 2))
     for B, P, fp8 in ((1, 4096, None), (8, 4096, None), (1, 32768, None), (1, 4096, "native"), (8, 32768, "native")):
         cs.append(_c(S, f"attn real 16/2x256 B{B} P{P} kv{'fp8' if fp8 else 'bf16'}", "attn", 4, dtype="bf16", B=B,
                      P=P, HQ=16, KVH=2, D=256, cfg="default", fp8=fp8))
@@ -369,7 +377,7 @@ PUBLIC_API = {  # what the suite calls; a missing name is an import error of the
                                       "cached_attention_reference"),
     "decode_step": ("FULL", "TINY", "DecodeModel", "probe_scaled_mm", "checked_step", "measure", "count_bytes",
                     "estimate_weight_bytes"),
-    "kernels_gdn": ("TINY", "make_inputs", "bytes_moved", "flops", "time_cuda", "make_fla_runner", "fla_fn",
+    "kernels_gdn": ("TINY", "dims", "make_inputs", "bytes_moved", "flops", "time_cuda", "make_fla_runner", "fla_fn",
                     "l2_bytes"),
     "kernels_moe_attn": ("configure", "moe_weights", "moe_cost", "attn_cost", "rotations"),
 }
@@ -601,6 +609,104 @@ def run_attn(p, ctx):
     yield dict(seed=seed, past_len=pl.tolist()[:8], checks=checks)
 
 
+def _bitwise(checks, name, a, b):
+    import torch
+    same = torch.equal(a, b)
+    checks.append(dict(output=name, err=0.0 if same else float((a.double() - b.double()).abs().max()), bound=0.0,
+                       ok=bool(same)))
+
+
+def run_gdn_inv(p, ctx):
+    """Each sequence's outputs are bitwise those of the same sequence run alone (tests/kernels)."""
+    import torch
+    from qcn.compile.plugins.gated_deltanet import gated_deltanet_decode, gated_deltanet_prefill
+    dev, seed = ctx["dev"], _seed()
+    Hk, Hv, Dk, Dv = GDN_CFGS[p["cfg"]]
+    dt = torch.bfloat16 if p["cfg"] == "real" else torch.float32
+    inp = gdn_inputs(3, p["T"], Hk, Hv, Dk, Dv, 4, dt, dev, seed)
+    fn = gated_deltanet_decode if p["op"] == "decode" else gated_deltanet_prefill
+
+    def run(x):
+        x = {k: v.clone() for k, v in x.items()}
+        return fn(**x, num_k_heads=Hk)
+
+    full, checks = run(inp), []
+    for i in (0, 2):
+        one = run({k: (v[i:i + 1].contiguous() if v.dim() > 1 and v.shape[0] == 3 else v) for k, v in inp.items()})
+        for name, a, b in zip(("y", "conv_state_out", "recurrent_state_out"), full, one):
+            _bitwise(checks, f"{name}[{i}]", a[i:i + 1], b)
+    yield dict(seed=seed, checks=checks)
+
+
+def _moe_small(n, dtype, dev):
+    import torch
+    H, I, IS, E = MOE_SMALL["H"], MOE_SMALL["I"], MOE_SMALL["IS"], MOE_SMALL["E"]
+    return dict(x=torch.randn(n, H, device=dev).to(dtype), router_weight=torch.randn(E, H, device=dev).to(dtype),
+                gate_up=(torch.randn(E, 2 * I, H, device=dev) / H ** 0.5).to(dtype),
+                down=(torch.randn(E, H, I, device=dev) / I ** 0.5).to(dtype),
+                shared_gate_up=(torch.randn(2 * IS, H, device=dev) / H ** 0.5).to(dtype),
+                shared_down=(torch.randn(H, IS, device=dev) / IS ** 0.5).to(dtype),
+                shared_gate=torch.randn(1, H, device=dev).to(dtype))
+
+
+def run_moe_inv(p, ctx):
+    """A token's output does not depend on the rest of the batch (bitwise, same path)."""
+    import torch
+    from qcn.compile.plugins.moe import MoEConfig, moe_forward
+    seed = _seed()
+    torch.manual_seed(seed)
+    cfg = MoEConfig(**MOE_TEST_CFG)
+    w = _moe_small(p["n"], torch.bfloat16, ctx["dev"])
+    y = moe_forward(**w, top_k=3, path=p["path"], config=cfg)
+    checks = []
+    rows = [slice(r, r + 1) for r in range(p["n"])] if p["m"] == 1 else [slice(0, p["m"])]
+    for r in rows:
+        _bitwise(checks, f"y[{r.start}:{r.stop}]", moe_forward(**{**w, "x": w["x"][r]}, top_k=3, path=p["path"],
+                                                              config=cfg), y[r])
+    yield dict(seed=seed, checks=checks)
+
+
+def run_moe_nan(p, ctx):
+    """A NaN in one token gives NaN for that token only; the others still match the reference."""
+    import torch
+    from qcn.compile.plugins.moe import MoEConfig, moe_forward, moe_reference
+    seed = _seed()
+    torch.manual_seed(seed)
+    w = _moe_small(5, torch.float32, ctx["dev"])
+    w["x"][2, 7] = float("nan")
+    y = moe_forward(**w, top_k=3, path=p["path"], config=MoEConfig(**MOE_TEST_CFG))
+    keep = [0, 1, 3, 4]
+    with torch.device(ctx["dev"]):
+        ref = moe_reference(w["x"][keep], w["router_weight"], w["gate_up"], w["down"], w["shared_gate_up"],
+                            w["shared_down"], w["shared_gate"], 3)
+    checks = [dict(output="y[2] all NaN", err=0.0 if bool(torch.isnan(y[2]).all()) else 1.0, bound=0.0,
+                   ok=bool(torch.isnan(y[2]).all()))]
+    _check(checks, "y[other tokens]", y[keep], ref, 1e-5)
+    yield dict(seed=seed, checks=checks)
+
+
+def run_attn_inv(p, ctx):
+    """A sequence's output is bitwise the same alone, in a batch, and with a longer cache buffer."""
+    import torch
+    from qcn.compile.plugins.attention import DecodeAttentionConfig, cached_attention_decode
+    dev, seed = ctx["dev"], _seed()
+    torch.manual_seed(seed)
+    cfg = DecodeAttentionConfig(**ATTN_TEST_CFG)
+    b, P, hq, kvh, d = 3, 70, 4, 2, 40
+    q, k, v = (torch.randn(b, 1, h, d, device=dev).to(torch.bfloat16) for h in (hq, kvh, kvh))
+    pk, pv = (torch.randn(b, kvh, P, d, device=dev).to(torch.bfloat16) for _ in range(2))
+    pl = torch.tensor([70, 33, 5], device=dev)
+    o = cached_attention_decode(q, k, v, pk, pv, pl, config=cfg)
+    checks = []
+    for i in range(b):
+        s = slice(i, i + 1)
+        _bitwise(checks, f"out[{i}] alone", cached_attention_decode(q[s], k[s], v[s], pk[s], pv[s], pl[s], config=cfg),
+                 o[s])
+    longer = [torch.cat([t, torch.randn(b, kvh, 60, d, device=dev).to(t.dtype)], dim=2) for t in (pk, pv)]
+    _bitwise(checks, "out, longer buffer", cached_attention_decode(q, k, v, *longer, pl, config=cfg), o)
+    yield dict(seed=seed, checks=checks)
+
+
 # ============================================================================ worker: timings
 
 
@@ -774,7 +880,8 @@ def run_decode(p, ctx):
                gpu_mem_gib=torch.cuda.max_memory_allocated() / 2**30)
 
 
-RUNNERS = dict(gdn=run_gdn, gdn_chain=run_gdn_chain, moe=run_moe, attn=run_attn, t_gdn=run_t_gdn, t_moe=run_t_moe,
+RUNNERS = dict(gdn=run_gdn, gdn_chain=run_gdn_chain, gdn_inv=run_gdn_inv, moe=run_moe, moe_inv=run_moe_inv,
+               moe_nan=run_moe_nan, attn=run_attn, attn_inv=run_attn_inv, t_gdn=run_t_gdn, t_moe=run_t_moe,
                t_attn=run_t_attn, decode=run_decode)
 
 

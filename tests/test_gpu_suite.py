@@ -47,7 +47,7 @@ def test_dry_run_runs_every_section(tmp_path):
     for res in d["results"]:
         by.setdefault(res["section"], []).append(res)
     corr = by["correctness"]
-    assert {c["kind"] for c in corr} == {"gdn", "moe", "attn"}
+    assert {c["kind"] for c in corr} >= {"gdn", "moe", "attn"}
     for c in corr:  # every check compared a kernel output against its reference, and passed
         assert c["status"] == "pass" and c["checks"], c
         assert all(ch["err"] is not None and ch["err"] <= ch["bound"] for ch in c["checks"]), c
@@ -62,8 +62,8 @@ def test_dry_run_fails_on_a_plan_over_budget(tmp_path):
     r = _run(["--dry-run", "--budget", "120"], tmp_path)
     assert r.returncode == 2, r.stdout[-2000:]
     assert "plan problem: plan needs" in r.stdout and "> budget 120s" in r.stdout
-    r = _run(["--dry-run", "--budget", "600"], tmp_path)
-    assert r.returncode == 2 and "exceeds the suite's limit of 480s" in r.stdout, r.stdout[-2000:]
+    gs = _suite()
+    assert any("exceeds the suite's limit of 480s" in p for p in gs.plan_problems(gs.build_plan(True, 600), 600))
 
 
 def test_dry_run_fails_on_a_kernel_import_error(tmp_path):
