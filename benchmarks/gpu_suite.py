@@ -1043,12 +1043,29 @@ def env_section(dry: bool) -> dict:
 
 
 class Orchestrator:
+    """Runs each section's cases in worker processes (this file with --worker), collects their JSON lines into
+    the report, enforces the time boxes, and restarts a worker that died for the cases it had left."""
+
+    worker_cmd = (sys.executable, str(Path(__file__).resolve()))
+
     def __init__(self, args, report: Report, deadline: float):
         self.args, self.report, self.deadline = args, report, deadline
         self.tmp = Path(tempfile.mkdtemp(prefix="qcn_gpu_suite_"))
         self.procs = []
         self.failed = False
         self.printed = 0
+        self.collected = set()
+
+    def collect(self, w):
+        """Append a finished (or killed) worker's output to gpu_suite_workers.log under --out (its warnings,
+        tracebacks, kernels_gdn's "CUDA graph capture failed" notes)."""
+        if w["tag"] in self.collected or not w["stderr"].exists():
+            return
+        self.collected.add(w["tag"])
+        text = w["stderr"].read_text(errors="replace")
+        with open(self.report.out / "gpu_suite_workers.log", "a") as f:
+            f.write(f"===== worker {w['tag']} ({len(w['cases'])} cases: {w['cases'][0].name} ...), exit "
+                    f"{w['proc'].poll()}\n{text[-200_000:]}\n")
 
     def kill_all(self):
         for p in self.procs:
@@ -1063,7 +1080,7 @@ class Orchestrator:
         jl = self.tmp / f"{section.name}-{tag}.jsonl"
         err = open(self.tmp / f"{section.name}-{tag}.stderr", "w")
         bw = self.report.data["env"].get("copy_GBps")
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--cases-file", str(cf), "--jsonl", str(jl),
+        cmd = [*self.worker_cmd, "--worker", "--cases-file", str(cf), "--jsonl", str(jl),
                "--copy-bw", str(bw * 1e9 if bw else float("nan")),
                "--iters", str(self.args.iters), "--warmup", str(self.args.warmup)] + \
             (["--dry-run"] if self.args.dry_run else [])
@@ -1072,7 +1089,7 @@ class Orchestrator:
         p = subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         self.procs.append(p)
         return dict(proc=p, jsonl=jl, stderr=self.tmp / f"{section.name}-{tag}.stderr", cases=cases, offset=0,
-                    started=None, current=None, tag=tag)
+                    started=None, current=None, tag=f"{section.name}-{tag}")
 
     def read_new(self, w) -> list[dict]:
         if not w["jsonl"].exists():
@@ -1128,6 +1145,7 @@ class Orchestrator:
                     changed = True
                 rc = w["proc"].poll()
                 if rc is not None:
+                    self.collect(w)
                     for ev in self.read_new(w):  # anything written just before exit
                         if ev.get("event"):
                             continue
@@ -1150,7 +1168,7 @@ class Orchestrator:
                             left = left[1:]
                         st["notes"].append(f"worker {w['tag']} exited {rc} with {len(left) + 1} cases left")
                         if left and t_end - time.time() > 15:
-                            workers.append(self.start(section, left, f"{w['tag']}r{tag}"))
+                            workers.append(self.start(section, left, str(tag)))  # a fresh worker for the rest
                             tag += 1
                         else:
                             for c in left:
@@ -1161,6 +1179,8 @@ class Orchestrator:
                     changed = True
             if time.time() > t_end:
                 self.kill_all()
+                for w in workers:
+                    self.collect(w)
                 for c in section.cases:
                     if c.name not in done:
                         rep["results"].append(dict(name=c.name, section=c.section, kind=c.kind, params=c.params,

@@ -164,3 +164,54 @@ def test_triton_api_check_finds_missing_names_and_keywords(tmp_path):
     r = gs.triton_api_check([src])
     assert r["missing"] == ["tl.not_in_any_triton", "tl.dot(..., no_such_keyword=)"], r
     assert gs.triton_api_check()["missing"] == []  # the real kernel sources, against the installed Triton
+
+
+FAKE_WORKER = """
+import argparse, json, os, sys, time
+ap = argparse.ArgumentParser()
+for a in ("--cases-file", "--jsonl", "--copy-bw", "--iters", "--warmup"):
+    ap.add_argument(a)
+ap.add_argument("--worker", action="store_true")
+ap.add_argument("--dry-run", action="store_true")
+args = ap.parse_args()
+out = open(args.jsonl, "a", buffering=1)
+for c in json.load(open(args.cases_file)):
+    out.write(json.dumps(dict(name=c["name"], event="start")) + "\\n")
+    if "crash" in c["name"]:
+        os._exit(3)
+    if "hang" in c["name"]:
+        time.sleep(60)
+    out.write(json.dumps(dict(name=c["name"], section=c["section"], kind=c["kind"], params=c["params"],
+                              status="pass", checks=[dict(output="y", err=0.0, bound=1e-5, ok=True)])) + "\\n")
+"""
+
+
+def test_orchestrator_survives_a_crashed_worker_and_enforces_the_time_box(tmp_path):
+    import time
+    gs = _suite()
+    fake = tmp_path / "fake_worker.py"
+    fake.write_text(FAKE_WORKER)
+    args = gs.parse_args(["--dry-run"])
+    report = gs.Report(tmp_path / "out", dict(dry_run=True, commit="x", command="test", budget_s=30))
+    orch = gs.Orchestrator(args, report, deadline=time.time() + 30)
+    orch.worker_cmd = (sys.executable, str(fake))
+
+    def case(name):
+        return gs.Case("correctness", name, "gdn", {}, 1.0)
+
+    orch.run_section(gs.Section("correctness", (case("a"), case("b crash"), case("c"), case("d")), 1, 20), 0)
+    st = {r["name"]: r["status"] for r in report.data["results"]}
+    assert st == {"a": "pass", "b crash": "error", "c": "pass", "d": "pass"}, st
+    assert report.data["sections"]["correctness"]["status"] == "done, with failures"
+    assert "worker correctness-0 exited 3" in report.data["sections"]["correctness"]["notes"][0]
+    orch.deadline = time.time() + 12  # a box under 10 s skips the section
+    t0 = time.time()
+    orch.run_section(gs.Section("kernels", (gs.Case("kernels", "e", "t_gdn", {}, 1.0),
+                                            gs.Case("kernels", "f hang", "t_gdn", {}, 1.0),
+                                            gs.Case("kernels", "g", "t_gdn", {}, 1.0)), 1, 20), 0)
+    assert time.time() - t0 < 25
+    st = {r["name"]: r["status"] for r in report.data["results"] if r["section"] == "kernels"}
+    assert st == {"e": "pass", "f hang": "not run", "g": "not run"}, st
+    assert report.data["sections"]["kernels"]["status"] == "timeout"
+    d = json.loads((tmp_path / "out" / "gpu_suite.json").read_text())  # written as it went
+    assert len(d["results"]) == 7 and "worker correctness-0" in (tmp_path / "out" / "gpu_suite_workers.log").read_text()
