@@ -1371,8 +1371,8 @@ def render_markdown(d) -> str:
                 L.append(f"| {r['name']} | {r['status']} | {w['output']} | {_f(w['err'])} | {w['bound']:g} | "
                          f"{_f(r.get('seconds'), '.1f')} |")
             else:
-                L.append(f"| {r['name']} | {r['status']} | - | - | - | {_f(r.get('seconds'), '.1f')} | "
-                         + (f"{(r.get('error') or '')[:160]}" if r.get("error") else ""))
+                err = _cell(r.get("error"), 160)
+                L.append(f"| {r['name']} | {r['status']} | {err or '-'} | - | - | {_f(r.get('seconds'), '.1f')} |")
     kr = [r for r in res if r.get("section") == "kernels"]
     if kr:
         L += ["", "## Kernel timings (CUDA graph over rotated inputs; bytes counted by hand)", "",
@@ -1384,7 +1384,7 @@ def render_markdown(d) -> str:
             L.append(f"| {r['name']} | {r.get('impl', '-')} | {_f(r.get('us'), '.2f')} | {_f(r.get('GBps'), '.0f')} | "
                      f"{_f(100 * r['copy_frac'] if r.get('copy_frac') is not None else None, '.1f')} | "
                      f"{_f(r.get('TFLOPs'), '.2f')} | {_f((r.get('bytes') or 0) / 1e6 if r.get('bytes') else None, '.2f')}"
-                     f" | {note[:200]} |")
+                     f" | {_cell(note, 200)} |")
     dr = [r for r in res if r.get("section") == "decode_step"]
     if dr:
         L += ["", "## Decode step (48 layers unless noted, random weights, CUDA graph)", "",
@@ -1398,13 +1398,18 @@ def render_markdown(d) -> str:
             if r.get("ms") is None:
                 L.append(f"| {r['params'].get('experts')} | - | - | {r['params'].get('batch')} | "
                          f"{r['params'].get('context')} | - | - | - | - | - | {r['status']}: "
-                         f"{(r.get('error') or '')[:160]} |")
+                         f"{_cell(r.get('error'), 160)} |")
                 continue
             L.append(f"| {r['experts']} | {r['proj']} | {r['layers']} | {r['batch']} | {r['context']} | {r['ms']:.3f} | "
                      f"{r['tokens_per_s']:.0f} | {r['GBps']:.0f} | {100 * r['roofline_frac']:.1f} | "
                      f"{100 * r['fp8_roofline_frac']:.1f} | build {r['build_s']:.0f}s, "
                      f"{r['mean_routed']:.1f} experts/layer |")
     return "\n".join(L) + "\n"
+
+
+def _cell(text, n):
+    """Text for one markdown table cell: no pipes, no newlines, at most n characters."""
+    return (text or "").replace("|", "/").replace("\n", " ")[:n]
 
 
 def _api_line(a):
