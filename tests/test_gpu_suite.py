@@ -51,8 +51,9 @@ def test_dry_run_runs_every_section(tmp_path):
     for c in corr:  # every check compared a kernel output against its reference, and passed
         assert c["status"] == "pass" and c["checks"], c
         assert all(ch["err"] is not None and ch["err"] <= ch["bound"] for ch in c["checks"]), c
-    assert {k["kind"] for k in by["kernels"]} == {"t_gdn", "t_moe", "t_attn"}
-    assert all(k["status"] == "ok" and k["bytes"] > 0 for k in by["kernels"])
+    assert {k["kind"] for k in by["kernels"]} == {"t_gdn", "t_fla", "t_moe", "t_attn"}
+    assert all(k["status"] == "ok" and k["bytes"] > 0 for k in by["kernels"] if k["kind"] != "t_fla")
+    assert [k["status"] for k in by["kernels"] if k["kind"] == "t_fla"] == ["skipped"]  # no fla here / not on CPU
     dec = by["decode_step"]
     assert len(dec) == 1 and dec[0]["checked"] > 0 and dec[0]["bytes"] > 0, dec
     assert len(d["goals"]) == 6 and all(g["result"] == "not measured" for g in d["goals"])
@@ -122,8 +123,8 @@ def _synthetic(gdn_us, fla_us, ours_prefill_us, moe_frac, fp8_frac):
              bytes=1, flops=1),
            k("gdn prefill T4096", "t_gdn", dict(B=1, T=4096), impl="qcn", us=ours_prefill_us, GBps=1.0,
              copy_frac=0.1, TFLOPs=1.0, bytes=1, flops=1),
-           k("gdn prefill T4096", "t_gdn", dict(B=1, T=4096), impl="fla-core", us=fla_us, GBps=1.0, copy_frac=0.1,
-             TFLOPs=1.0, bytes=1, flops=1, qcn_over_fla=ours_prefill_us / fla_us),
+           k("fla gdn prefill T4096", "t_fla", dict(B=1, T=4096), impl="fla-core", us=fla_us, GBps=1.0,
+             copy_frac=0.1, TFLOPs=1.0, bytes=1, flops=1),
            k("moe decode fp8 N1", "t_moe", dict(fmt="fp8", n=1, path="decode"), impl="qcn", us=10.0, GBps=2000.0,
              copy_frac=moe_frac, TFLOPs=0.1, bytes=1, flops=1),
            dict(name="decode fp8 B1 ctx4096", section="decode_step", kind="decode",
@@ -151,7 +152,7 @@ def test_goals_pass_and_miss_with_margins():
     assert by["MoE decode, batch 1, int4 experts (10 routed + shared)"]["result"] == "not measured"
     assert by["48-layer decode step, batch 1, 4K context, FP8 experts"]["result"] == "miss"
     md = gs.render_markdown({**_synthetic(5.0, 80.0, 90.0, 0.5, 0.2), "goals": goals})
-    assert "**miss**" in md and "| gdn prefill T4096 | fla-core |" in md and "qcn/fla 1.12" in md
+    assert "**miss**" in md and "| fla gdn prefill T4096 | fla-core |" in md and "qcn/fla 1.12" in md
 
 
 def test_triton_api_check_finds_missing_names_and_keywords(tmp_path):
