@@ -26,8 +26,12 @@ Sections, in order (each time-boxed; a failing case or section is recorded and t
                over the copy bandwidth).
 Then the goals of issue #15 Part 2 are evaluated (pass / miss with the margin, or why not measured).
 
-Output: ``gpu_suite.json`` and ``gpu_suite.md`` under --out (default $OUT, else ./gpu_suite_out),
-rewritten after every finished case, so a run killed at its time limit still returns what finished.
+Output: ``gpu_suite.json``, ``gpu_suite.md`` and ``gpu_suite_workers.log`` under --out (default $OUT, else
+./gpu_suite_out), rewritten after every finished case, so a run killed at its time limit still returns what
+finished. How to run it on the lent H200 (wheels, the one ``run`` call): benchmarks/README.md.
+
+NOTE: written in a session WITHOUT a GPU. Only ``--dry-run`` (CPU, interpreter, tiny shapes) and the
+orchestration (fake workers, tests/test_gpu_suite.py) have run; the GPU paths are unexecuted.
 Exit status: 0 all ran and passed, 1 a case failed or a section did not finish, 2 bad plan / imports.
 """
 from __future__ import annotations
