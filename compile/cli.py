@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
 from pathlib import Path
 
-from .export.config import CheckpointError
-from .recipe import RecipeError, describe_targets, load_recipe
+from ..errors import QcnError
+from .recipe import describe_targets, load_recipe
 
 STAGES = ("export", "passes", "build")
 
@@ -25,13 +27,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="artifact directory; overrides the recipe's `output`")
     p.add_argument("--until", choices=STAGES, default="build",
                    help="last stage to run (default: build; the cpu target stops after export)")
-    p.add_argument("--force", action="store_true", help="redo every stage even when its inputs did not change")
+    p.add_argument("--force", action="store_true",
+                   help="redo every stage even when its inputs did not change, and let the output replace whatever "
+                        "is at its path (never the checkpoint); without it only a directory qcn wrote is replaced")
     p.add_argument("--check", action="store_true",
                    help="only validate the recipe: print the memory budget and every problem, build nothing")
     p.add_argument("--targets", action="store_true", help="print the target table and exit")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
+
+
+class Terminated(BaseException):
+    """SIGTERM / SIGHUP, raised like KeyboardInterrupt so that temporary directories are removed."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum, _frame):
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _terminate_cleanly():
+    """While compiling, SIGTERM and SIGHUP unwind the stack (removing temporary directories)."""
+    old = {}
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        with contextlib.suppress(ValueError, OSError):  # not the main thread: leave signals alone
+            if signal.getsignal(s) != signal.SIG_IGN:
+                old[s] = signal.signal(s, _terminate)
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,27 +75,46 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("the recipe argument is required (or --targets)")
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "transformers"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
-    # heavy imports (torch, onnx, TensorRT) after argument parsing
-    from .build.preflight import PreflightError, preflight
-    from .build.trt import BuildError
-    from .pipeline import run_pipeline
-
     try:
-        recipe = load_recipe(args.recipe, checkpoint=args.checkpoint, output=args.out)
-        report = preflight(recipe, check_module=args.check or args.until == "build")
-        if recipe.target_info.is_gpu or args.check:
-            print(report.text(), file=sys.stderr if not args.check else sys.stdout)
-        if args.check:
-            return 0 if report.ok else 2
-        if report.problems:
-            raise PreflightError("recipe cannot be built: " + "; ".join(report.problems), report)
-        result = run_pipeline(recipe, until=args.until, force=args.force, progress=not args.quiet,
-                              preflight_report=report)
-    except (RecipeError, CheckpointError, FileNotFoundError, BuildError) as e:
+        with _terminate_cleanly():
+            return _compile(args)
+    except QcnError as e:  # every error qcn raises on purpose (compile and runtime): one line
         print(f"qcn-compile: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nqcn-compile: interrupted (Ctrl-C); nothing was written, temporary files removed", file=sys.stderr)
+        return 130
+    except Terminated as e:
+        name = signal.Signals(e.signum).name
+        print(f"qcn-compile: stopped by {name}; nothing was written, temporary files removed", file=sys.stderr)
+        return 128 + e.signum
+    except OSError as e:  # the machine, not qcn: disk full, permissions, I/O errors (-v: traceback)
+        if args.verbose:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"qcn-compile: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+
+
+def _compile(args) -> int:
+    # heavy imports (torch, onnx, TensorRT) after argument parsing
+    from .build.preflight import PreflightError, preflight
+    from .pipeline import run_pipeline
+
+    recipe = load_recipe(args.recipe, checkpoint=args.checkpoint, output=args.out)
+    report = preflight(recipe, check_module=args.check or args.until == "build", force=args.force)
+    if recipe.target_info.is_gpu or args.check:
+        print(report.text(), file=sys.stderr if not args.check else sys.stdout)
+    if args.check:
+        return 0 if report.ok else 2
+    if report.problems:
+        if len(report.problems) == 1:
+            raise PreflightError(report.problems[0], report)
+        raise PreflightError(f"recipe {recipe.name!r} cannot be built: " + "; ".join(report.problems), report)
+    result = run_pipeline(recipe, until=args.until, force=args.force, progress=not args.quiet,
+                          preflight_report=report)
     done = ", ".join([f"{s} (ran)" for s in result.ran] + [f"{s} (up to date)" for s in result.skipped])
     print(f"qcn-compile: wrote {result.output} (recipe {recipe.name}; {done})")
     return 0

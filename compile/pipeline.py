@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -18,9 +20,9 @@ from pathlib import Path
 
 import onnx
 
-from .artifacts import atomic_dir, sha256_file, sha256_json
+from .artifacts import HashCache, atomic_dir, default_cache_path, sha256_file, sha256_json
 from .export.checkpoint import open_checkpoint
-from .export.config import ModelConfig, load_model_config
+from .export.config import CheckpointError, ModelConfig, load_model_config
 from .export.modeling import rope_tables
 from .export.onnx_export import GRAPHS, export_graphs, state_layout
 from .recipe import Recipe, RecipeError
@@ -50,13 +52,18 @@ def _io(values) -> list[dict]:
     return out
 
 
-def _tokenizer_section(ckpt_dir: Path, cfg: ModelConfig) -> tuple[dict, dict]:
+def tokenizer_section(ckpt_dir: Path, cfg: ModelConfig) -> tuple[dict, dict]:
+    """The manifest's tokenizer section (and generation_config.json) of a checkpoint."""
+    ckpt_dir = Path(ckpt_dir)
     files = [f for f in TOKENIZER_FILES if (ckpt_dir / f).is_file()]
     if "tokenizer.json" not in files:
         raise RecipeError(f"checkpoint {ckpt_dir} has no tokenizer.json (the runtime needs it)")
-    gen = json.loads((ckpt_dir / "generation_config.json").read_text()) if "generation_config.json" in files else {}
-    eos = gen.get("eos_token_id", list(cfg.eos_token_id))
-    eos = [eos] if isinstance(eos, int) else list(eos)
+    try:
+        gen = json.loads((ckpt_dir / "generation_config.json").read_text()) if "generation_config.json" in files else {}
+    except ValueError as e:
+        raise CheckpointError(f"{ckpt_dir / 'generation_config.json'}: not readable JSON: {e}") from None
+    eos = gen.get("eos_token_id")
+    eos = list(cfg.eos_token_id) if eos is None else [eos] if isinstance(eos, int) else list(eos)
     tok_cfg = json.loads((ckpt_dir / "tokenizer_config.json").read_text()) if "tokenizer_config.json" in files else {}
     added = json.loads((ckpt_dir / "tokenizer.json").read_text()).get("added_tokens", [])
     section = {"files": files, "eos_token_ids": eos, "bos_token_id": cfg.bos_token_id,
@@ -81,21 +88,32 @@ def check_recipe_against_model(recipe: Recipe, cfg: ModelConfig) -> None:
 
 
 def compile_recipe(recipe: Recipe, *, progress: bool = False, out: Path | None = None,
-                   inputs_sha256: str | None = None) -> Path:
-    """Run the export stage of `recipe` into `out` (default `recipe.output`); returns it."""
+                   inputs_sha256: str | None = None, force: bool = False,
+                   hash_cache: HashCache | None = None) -> Path:
+    """Run the export stage of `recipe` into `out` (default `recipe.output`); returns it.
+    Everything the runtime would refuse is refused before any work; `out` may replace an
+    existing directory only if it is a qcn artifact, or (`force`) anything but the checkpoint."""
+    from .build.preflight import checkpoint_problems
+
     out = Path(out) if out is not None else Path(recipe.output)
     ckpt_dir = Path(recipe.checkpoint)
     cfg = load_model_config(ckpt_dir)
     checkpoint = open_checkpoint(ckpt_dir)
     checkpoint.validate(cfg)
     check_recipe_against_model(recipe, cfg)
+    problems, _ = checkpoint_problems(recipe)
+    if problems:
+        raise RecipeError(f"recipe {recipe.name!r} cannot be exported: " + "; ".join(problems))
     if checkpoint.mtp_names:
         log.info("checkpoint has %d MTP tensors (mtp.*); kept aside, not exported yet", len(checkpoint.mtp_names))
-    tokenizer, gen_config = _tokenizer_section(ckpt_dir, cfg)
+    tokenizer, gen_config = tokenizer_section(ckpt_dir, cfg)
     rope = rope_tables(cfg)
     act = recipe.export.activation_dtype
+    cache = hash_cache if hash_cache is not None else HashCache()
+    ckpt_files = checkpoint_fingerprint(ckpt_dir, cache, progress=progress)
 
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, force=force, protect=[ckpt_dir]) as tmp:
+        written = tmp
         paths = export_graphs(cfg, checkpoint, rope, tmp, activation_dtype=act, logits=recipe.export.logits,
                               opset=recipe.export.opset, progress=progress)
         for f in tokenizer["files"]:
@@ -113,7 +131,7 @@ def compile_recipe(recipe: Recipe, *, progress: bool = False, out: Path | None =
             "tools": {p: _version(p) for p in ("torch", "onnx", "onnxscript", "onnx-ir", "transformers")},
             "recipe": recipe_dict, "recipe_sha256": sha256_json(recipe_dict),
             "checkpoint": {"path": str(ckpt_dir.resolve()), "config_sha256": sha256_file(ckpt_dir / "config.json"),
-                           "mtp_tensors": list(checkpoint.mtp_names)},
+                           "files_sha256": ckpt_files, "mtp_tensors": list(checkpoint.mtp_names)},
             "model": {"architecture": "Qwen3NextForCausalLM", "vocab_size": cfg.vocab_size,
                       "hidden_size": cfg.hidden_size, "num_layers": cfg.num_hidden_layers,
                       "layer_types": list(cfg.layer_types), "activation_dtype": act,
@@ -125,11 +143,14 @@ def compile_recipe(recipe: Recipe, *, progress: bool = False, out: Path | None =
             "graphs": graphs,
             "state": [{"layer": s.layer, "kind": s.kind, "input": s.input, "output": s.output,
                        "shape": list(s.shape), "dtype": s.dtype} for s in state_layout(cfg, act)],
-            "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()},
+            "files": {p.name: cache.sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()},
         }
         if inputs_sha256:
             manifest["inputs_sha256"] = inputs_sha256
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    cache.moved(written, out)  # the files keep their inodes and times: the next no-op compile reads nothing
+    if hash_cache is None:
+        cache.save()
     log.info("wrote %s", out)
     return out
 
@@ -149,23 +170,58 @@ def stage_dirs(recipe: Recipe) -> dict[str, Path]:
     return {"export": work / "export", "passes": work / "passes", "build": out}
 
 
-def checkpoint_fingerprint(ckpt_dir: Path) -> dict:
-    """config.json and index hashes, shard names and sizes (a shard rewritten in place with the
-    same size is not noticed: use --force)."""
+CHECKPOINT_FILES = ("config.json", "model.safetensors.index.json") + TOKENIZER_FILES
+
+
+def checkpoint_files(ckpt_dir: Path) -> list[Path]:
+    """Every checkpoint file the export reads or copies: config.json, the index, every
+    *.safetensors shard, the tokenizer and generation_config files."""
     ckpt_dir = Path(ckpt_dir)
-    out = {"config": sha256_file(ckpt_dir / "config.json") if (ckpt_dir / "config.json").is_file() else None}
-    index = ckpt_dir / "model.safetensors.index.json"
-    out["index"] = sha256_file(index) if index.is_file() else None
-    out["shards"] = sorted((p.name, p.stat().st_size) for p in ckpt_dir.glob("*.safetensors"))
-    return out
+    named = [ckpt_dir / f for f in CHECKPOINT_FILES if (ckpt_dir / f).is_file()]
+    return sorted(named + list(ckpt_dir.glob("*.safetensors")), key=lambda p: p.name)
 
 
-def export_inputs(recipe: Recipe) -> str:
+def checkpoint_fingerprint(ckpt_dir: Path, cache: HashCache | None = None, *, progress: bool = False) -> dict[str, str]:
+    """sha256 of the bytes of every file in `checkpoint_files`, by name. With a `cache` an
+    unchanged file (same path, size, mtime_ns, ctime_ns, inode) is not read again; any write
+    to a file changes its times, so a changed byte is always seen."""
+    cache = cache if cache is not None else HashCache()
+    files = checkpoint_files(ckpt_dir)
+    todo = sum(p.stat().st_size for p in files if cache.lookup(p)[0] is None)
+    bar = None
+    if progress and todo > 1 << 30:
+        from tqdm import tqdm
+
+        bar = tqdm(total=todo, unit="B", unit_scale=True, desc=f"hashing {Path(ckpt_dir).name}", leave=False)
+    try:
+        return {p.name: cache.sha256(p, progress=bar) for p in files}
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """sha256 of qcn's own Python sources (the compiler is an input too: an edited exporter
+    with an unchanged version number must not reuse the old ONNX)."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for base in (root, root.parent):
+        pattern = "**/*.py" if base == root else "*.py"
+        for p in sorted(base.glob(pattern)):
+            h.update(str(p.relative_to(base)).encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def export_inputs(recipe: Recipe, cache: HashCache | None = None, *, progress: bool = False) -> str:
+    """The export stage's skip key: the recipe (minus paths and build settings), the bytes of
+    every checkpoint file the export reads, qcn's sources and version, the export tools' versions."""
     d = recipe.to_dict()
     for k in ("source", "output", "build", "model_config", "checkpoint", "target"):  # not in the ONNX
         d.pop(k, None)
-    return sha256_json({"recipe": d, "checkpoint": checkpoint_fingerprint(recipe.checkpoint),
-                        "qcn": _version("qcn"), "tools": {p: _version(p) for p in ("torch", "onnx", "onnxscript")}})
+    return sha256_json({"recipe": d, "checkpoint": checkpoint_fingerprint(recipe.checkpoint, cache, progress=progress),
+                        "qcn": _version("qcn"), "qcn_code": code_fingerprint(),
+                        "tools": {p: _version(p) for p in ("torch", "onnx", "onnxscript")}})
 
 
 def _manifest(d: Path) -> dict | None:
@@ -175,23 +231,24 @@ def _manifest(d: Path) -> dict | None:
         return None
 
 
-def up_to_date(d: Path, inputs_sha256: str) -> bool:
+def up_to_date(d: Path, inputs_sha256: str, cache: HashCache | None = None) -> bool:
     """The stage directory exists, was made from these inputs and its files are unchanged."""
     m = _manifest(d)
     if not m or m.get("inputs_sha256") != inputs_sha256:
         return False
+    cache = cache if cache is not None else HashCache()
     for rel, digest in m.get("files", {}).items():
         p = Path(d) / rel
-        if not p.is_file() or sha256_file(p) != digest:
+        if not p.is_file() or cache.sha256(p) != digest:
             log.warning("%s: %s changed since it was written; redoing the stage", d, rel)
             return False
     return True
 
 
-def passes_stage(recipe: Recipe, export_dir: Path, out: Path, inputs_sha256: str) -> Path:
+def passes_stage(recipe: Recipe, export_dir: Path, out: Path, inputs_sha256: str, *, force: bool = False) -> Path:
     """Runs PASSES (none yet) over the export directory: today its files are linked as they are."""
     src = _manifest(export_dir)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, force=force, protect=[recipe.checkpoint]) as tmp:
         for rel in src["files"]:
             try:
                 os.link(Path(export_dir) / rel, tmp / rel)
@@ -212,9 +269,12 @@ class PipelineResult:
 
 
 def run_pipeline(recipe: Recipe, *, until: str = "build", force: bool = False, progress: bool = False,
-                 preflight_report=None) -> PipelineResult:
+                 preflight_report=None, hash_cache: HashCache | None = None) -> PipelineResult:
     """Run the recipe's stages up to `until`, skipping up-to-date ones (unless `force`).
-    GPU recipes are preflighted (budget, passes, TensorRT module) before any stage runs."""
+    Before any stage runs, the recipe is preflighted: output paths, the checkpoint against what
+    the runtime refuses at load, and for GPU targets budget, passes and TensorRT module.
+    `force`: redo every stage, and let the outputs replace anything but the checkpoint.
+    `hash_cache`: where file hashes are remembered (default `default_cache_path()`)."""
     if until not in STAGES:
         raise RecipeError(f"--until {until!r}: choose one of {list(STAGES)}")
     dirs = stage_dirs(recipe)
@@ -222,33 +282,42 @@ def run_pipeline(recipe: Recipe, *, until: str = "build", force: bool = False, p
     if report is None:
         from .build.preflight import check
 
-        report = check(recipe, check_module=until == "build")
+        report = check(recipe, check_module=until == "build", force=force)
+    cache = hash_cache if hash_cache is not None else HashCache(default_cache_path())
+    try:
+        return _run_stages(recipe, dirs, until, force, progress, report, cache)
+    finally:
+        cache.save()
+
+
+def _run_stages(recipe, dirs, until, force, progress, report, cache) -> PipelineResult:
     stages = [s for s in STAGES[: STAGES.index(until) + 1] if s in dirs]
     ran, skipped = [], []
     prev = None
     for stage in stages:
         if stage == "export":
-            key = export_inputs(recipe)
+            key = export_inputs(recipe, cache, progress=progress)
         else:
             m = _manifest(dirs[prev])
             extra = {"passes": list(PASSES), "quantization": dataclasses.asdict(recipe.quantization)} if stage == "passes" \
                 else {"recipe": {k: v for k, v in recipe.to_dict().items() if k not in ("source", "output", "checkpoint")},
                       "module_version": report.module_version}
             key = sha256_json({"input_files": m["files"] if m else None, **extra})
-        if not force and up_to_date(dirs[stage], key):
+        if not force and up_to_date(dirs[stage], key, cache):
             log.info("stage %s: up to date (%s)", stage, dirs[stage])
             skipped.append(stage)
         else:
             if stage == "export":
-                compile_recipe(recipe, progress=progress, out=dirs[stage], inputs_sha256=key)
+                compile_recipe(recipe, progress=progress, out=dirs[stage], inputs_sha256=key, force=force,
+                               hash_cache=cache)
             elif stage == "passes":
-                passes_stage(recipe, dirs[prev], dirs[stage], key)
+                passes_stage(recipe, dirs[prev], dirs[stage], key, force=force)
             else:
                 from .build.stage import build_stage
 
                 budget = report.budget.to_dict() if report.budget else None
                 build_stage(recipe, dirs[prev], dirs[stage], module_version=report.module_version,
-                            inputs_sha256=key, budget=budget)
+                            inputs_sha256=key, budget=budget, force=force)
             ran.append(stage)
         prev = stage
     return PipelineResult(output=dirs[stages[-1]], dirs=dirs, ran=ran, skipped=skipped, preflight=report)

@@ -2,7 +2,8 @@
 or bad value is a `RecipeError` naming the key and what would be valid.
 
 Relative paths in a recipe are resolved against the current working directory (users run
-`qcn-compile recipes/x.yaml` from the repository root).
+`qcn-compile recipes/x.yaml` from the repository root); a leading `~` is the home directory.
+A key written twice in one mapping is an error (PyYAML would silently keep the last).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ..errors import QcnError
 
 ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
 LOGITS_MODES = ("last", "all")
@@ -89,8 +92,8 @@ TARGETS = tuple(TARGET_TABLE)
 BACKENDS = {name: (t.backend,) for name, t in TARGET_TABLE.items()}
 
 
-class RecipeError(ValueError):
-    pass
+class RecipeError(QcnError, ValueError):
+    """A recipe (or a CLI flag that overrides it) that qcn cannot build as it is."""
 
 
 @dataclass(frozen=True)
@@ -208,7 +211,33 @@ def _optional_path(value: Any, where: str) -> Path | None:
         return None
     if not isinstance(value, str) or not value:
         raise RecipeError(f"{where}: expected a directory path (string), got {value!r}")
-    return Path(value)
+    return user_path(value)
+
+
+def user_path(value: str | Path) -> Path:
+    """A path as a user wrote it: `~` and `~user` expanded (never a literal `./~`)."""
+    return Path(value).expanduser()
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key repeated in one mapping."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:
+                continue  # an unhashable key: construct_mapping reports it
+            if first is not None:
+                raise RecipeError(f"key {key!r} appears twice in one mapping (line {first.start_mark.line + 1} and "
+                                  f"line {key_node.start_mark.line + 1}); keep one")
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping)
 
 
 def _choice(value, valid, where: str):
@@ -311,8 +340,8 @@ def recipe_from_dict(data: Any, source: Path | None = None) -> Recipe:
     try:
         recipe = Recipe(
             name=data["name"],
-            checkpoint=Path(data["checkpoint"]),
-            output=Path(data["output"]),
+            checkpoint=user_path(data["checkpoint"]),
+            output=user_path(data["output"]),
             target=data.get("target", "cpu"),
             export=_section(ExportOptions, data.get("export"), "export"),
             runtime=_section(RuntimeOptions, data.get("runtime"), "runtime"),
@@ -329,22 +358,26 @@ def recipe_from_dict(data: Any, source: Path | None = None) -> Recipe:
 
 def load_recipe(path: Path | str, *, checkpoint: Path | None = None, output: Path | None = None) -> Recipe:
     """Read a YAML recipe; `checkpoint` / `output` override the recipe's paths (CLI flags)."""
-    path = Path(path)
+    path = user_path(path)
     if not path.is_file():
         recipes = sorted(p.name for p in path.parent.glob("*.yaml")) if path.parent.is_dir() else []
         raise RecipeError(f"recipe {path} does not exist" + (f"; recipes in {path.parent}: {recipes}" if recipes else ""))
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from e
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+    except RecipeError as e:
+        raise RecipeError(f"{path}: {e}") from None
     try:
         recipe = recipe_from_dict(data, source=path)
     except RecipeError as e:
         raise RecipeError(f"{path}: {e}") from e
     if checkpoint is not None:
-        recipe = dataclasses.replace(recipe, checkpoint=Path(checkpoint))
+        recipe = dataclasses.replace(recipe, checkpoint=user_path(checkpoint))
     if output is not None:
-        recipe = dataclasses.replace(recipe, output=Path(output))
+        recipe = dataclasses.replace(recipe, output=user_path(output))
     return recipe
 
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 
-from .errors import QcnError
+from .errors import QcnError, TokenizerError
+from .tokenizer import check_text
 
 __all__ = ["main", "build_parser"]
 
@@ -51,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from .generate import load
 
-        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        prompt = _read_stdin() if args.prompt == "-" else args.prompt
+        check_text(prompt, "--prompt" if args.prompt != "-" else "the prompt on standard input")
         gen = load(args.artifact, threads=args.threads, verify_hashes=not args.no_verify_hashes)
         with gen:
             params = gen.params(
@@ -78,11 +82,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qcn-run: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\nqcn-run: interrupted", file=sys.stderr)
+        print("\nqcn-run: interrupted (Ctrl-C)", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `qcn-run ... | head`: the reader left; not an error worth a traceback
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - Python flushes stdout again at exit
+        return 141
     finally:
         qlog.removeHandler(handler)
         qlog.setLevel(old_level)
+
+
+def _read_stdin() -> str:
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+    if isinstance(data, str):
+        return data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TokenizerError(f"the prompt on standard input is not valid UTF-8 text: byte {data[e.start]:#04x} at "
+                             f"offset {e.start}; pass UTF-8 encoded text") from None
 
 
 class _StderrHandler(logging.StreamHandler):

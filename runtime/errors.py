@@ -1,11 +1,14 @@
 """Exceptions raised by qcn.runtime.
 
-Every error the runtime raises on purpose derives from :class:`QcnError`, so a caller (and the
+Every error the runtime raises on purpose derives from :class:`QcnError` (`qcn.errors`, shared
+with `qcn.compile`), so a caller (and the
 ``qcn-run`` CLI) can tell "the artifact or the request is wrong" from a bug. Messages name the
 offending file, key or argument and say what would be valid.
 """
 
 from __future__ import annotations
+
+from ..errors import QcnError
 
 __all__ = [
     "QcnError",
@@ -18,10 +21,6 @@ __all__ = [
     "SlotError",
     "TokenizerError",
 ]
-
-
-class QcnError(Exception):
-    """Base class of every error raised on purpose by qcn.runtime."""
 
 
 class ArtifactError(QcnError):

@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..support import token_id_problems
 from .errors import ArtifactError
 
 __all__ = [
@@ -475,9 +476,8 @@ def load_manifest(artifact_dir: str | os.PathLike, *, verify_hashes: bool = True
     )
     if "tokenizer.json" not in tok.files:
         raise ctx.fail("tokenizer.files", f"must include 'tokenizer.json', got {list(tok.files)}")
-    for e in tok.eos_token_ids:
-        if e >= model.vocab_size:
-            raise ctx.fail("tokenizer.eos_token_ids", f"id {e} >= model.vocab_size {model.vocab_size}")
+    for key, msg in token_id_problems(model.vocab_size, tok.eos_token_ids, tok.bos_token_id, tok.pad_token_id):
+        raise ctx.fail(key, msg)  # the same rule qcn-compile applies before it exports
 
     gd = ctx.get(raw, "generation", "", dict, "an object with temperature, top_p, top_k")
     gen = GenerationDefaults(

@@ -54,6 +54,7 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         if not isinstance(text, str):
             raise TokenizerError(f"expected prompt text (str), got {type(text).__name__}")
+        check_text(text)
         return self._tok.encode(text, add_special_tokens=True).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
@@ -116,3 +117,15 @@ class IncrementalDecoder:
         self._stream = DecodeStream(ids=self._context, skip_special_tokens=False)  # drop what flush emitted
         self.text += delta
         return delta
+
+
+def check_text(text: str, what: str = "prompt") -> None:
+    """TokenizerError unless `text` is valid Unicode: a lone surrogate is what Python makes of
+    bytes that were not UTF-8 (argv and file names decode with surrogateescape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        ch = text[e.start]
+        raw = f"byte {ord(ch) - 0xDC00:#04x}" if 0xDC80 <= ord(ch) <= 0xDCFF else f"lone surrogate U+{ord(ch):04X}"
+        raise TokenizerError(f"{what} is not valid UTF-8 text: {raw} at character {e.start}; "
+                             "pass UTF-8 encoded text") from None

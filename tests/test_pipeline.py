@@ -43,7 +43,7 @@ def _copy(ckpt: Path, tmp_path: Path) -> Path:
 
 def _no_leftovers(out: Path):
     assert not out.exists(), f"{out} was left behind"
-    assert not [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")], "temp dir left behind"
+    assert not [p.name for p in out.parent.iterdir() if p.name.startswith((f".{out.name}", ".qcn-"))], "temp dir left behind"
 
 
 def test_manifest_describes_the_artifact(artifact, sharded_ckpt):
@@ -115,7 +115,8 @@ def test_truncated_safetensors(sharded_ckpt, tmp_path):
 def test_failure_during_export_leaves_nothing_and_keeps_the_old_artifact(sharded_ckpt, tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "manifest.json").write_text("{\"old\": true}")
+    old = {"format": "qcn-artifact", "old": True}  # only a qcn artifact may be replaced
+    (out / "manifest.json").write_text(json.dumps(old))
 
     def explode(*args, **kwargs):
         (args[3] / "prefill.onnx").write_bytes(b"half")
@@ -124,7 +125,7 @@ def test_failure_during_export_leaves_nothing_and_keeps_the_old_artifact(sharded
     monkeypatch.setattr("qcn.compile.pipeline.export_graphs", explode)
     with pytest.raises(RuntimeError, match="disk full"):
         compile_recipe(Recipe(name="t", checkpoint=sharded_ckpt, output=out, runtime=RuntimeOptions(max_context=256)))
-    assert json.loads((out / "manifest.json").read_text()) == {"old": True}
+    assert json.loads((out / "manifest.json").read_text()) == old
     assert sorted(p.name for p in out.parent.iterdir()) == ["out"]
 
 

@@ -1,7 +1,9 @@
-"""Checks a recipe before any work: memory budget, quantization passes, TensorRT module.
+"""Checks a recipe before any work: output paths, the checkpoint against everything the runtime
+will refuse at load, memory budget, quantization passes, TensorRT module.
 
 `qcn.compile.recipe.validate` already checked the schema and the precision against the
-target's compute capability (load time). These checks need config.json or an import.
+target's compute capability (load time). These checks need the file system, config.json or an
+import. The runtime's own load-time rules come from `qcn.support` (one definition, both sides).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ...support import state_dtype_problems, token_id_problems, tokenizer_vocab_problems
+from ..artifacts import OutputError, check_output
 from ..export.config import CheckpointError, ModelConfig, load_model_config
 from ..recipe import Recipe, RecipeError
 from .budget import Budget, compute_budget, fixes
@@ -95,23 +99,92 @@ def quantization_problems(recipe: Recipe) -> list[str]:
     return out
 
 
-def preflight(recipe: Recipe, *, cfg: ModelConfig | None = None, check_module: bool = True) -> Preflight:
+def output_problems(recipe: Recipe, *, force: bool = False) -> list[str]:
+    """Every directory the pipeline writes must be free, a qcn artifact, or (--force) anything
+    but the checkpoint / the current directory / a directory holding them."""
+    from ..pipeline import stage_dirs
+
+    out = []
+    for d in dict.fromkeys(stage_dirs(recipe).values()):
+        try:
+            check_output(d, force=force, protect=[recipe.checkpoint])
+        except OutputError as e:
+            out.append(str(e))
+    return out
+
+
+def checkpoint_problems(recipe: Recipe) -> tuple[list[str], ModelConfig | None]:
+    """The checkpoint against everything the runtime would refuse when it loads the artifact
+    (EOS/BOS/PAD ids, tokenizer ids vs vocab_size, state dtypes of the target's backend), and
+    what the export itself would refuse (config.json, rope_type, shards, tensor shapes)."""
+    from ..export.checkpoint import open_checkpoint
+    from ..export.onnx_export import state_layout
+    from ..pipeline import tokenizer_section
+
+    ckpt = Path(recipe.checkpoint)
+    try:
+        cfg = load_model_config(ckpt)
+        open_checkpoint(ckpt).validate(cfg)
+        tok, _gen = tokenizer_section(ckpt, cfg)
+    except (CheckpointError, RecipeError) as e:
+        return [str(e)], None
+    where = f"checkpoint {ckpt}"
+    problems = []
+    if recipe.runtime.max_context > cfg.max_position_embeddings:
+        problems.append(f"runtime.max_context {recipe.runtime.max_context} exceeds the checkpoint's "
+                        f"max_position_embeddings {cfg.max_position_embeddings}")
+    ids = token_id_problems(cfg.vocab_size, tok["eos_token_ids"], tok["bos_token_id"], tok["pad_token_id"])
+    if not tok["eos_token_ids"]:
+        problems.append(f"{where} has no EOS token id (eos_token_id in generation_config.json or config.json): "
+                        "the runtime needs one to end a generation")
+        ids = [p for p in ids if p[0] != "tokenizer.eos_token_ids"]
+    problems += [f"{where}: {key}: {msg} (config.json / generation_config.json)" for key, msg in ids]
+    try:
+        from tokenizers import Tokenizer
+
+        tk = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+        max_id = max(tk.get_vocab(with_added_tokens=True).values(), default=-1)
+        problems += [f"{where}: {msg}" for _key, msg in tokenizer_vocab_problems(max_id, cfg.vocab_size)]
+    except Exception as e:  # tokenizers raises plain Exception subclasses; the runtime refuses it the same way
+        problems.append(f"{ckpt / 'tokenizer.json'}: the runtime cannot load it: {e}")
+    states = [(s.input, s.dtype) for s in state_layout(cfg, recipe.export.activation_dtype)]
+    for _key, msg in state_dtype_problems(recipe.target_info.backend, states):
+        problems.append(f"export.activation_dtype: {recipe.export.activation_dtype} on target {recipe.target!r}: {msg}; "
+                        f"use float32" + (" or a GPU target" if not recipe.target_info.is_gpu else ""))
+    return problems, cfg
+
+
+def preflight(recipe: Recipe, *, cfg: ModelConfig | None = None, check_module: bool = True,
+              force: bool = False) -> Preflight:
     """Every check that can fail a build before it starts. Never raises for a problem it can
-    describe: call `.raise_if_problems()` (or use `check`)."""
+    describe: call `.raise_if_problems()` (or use `check`). `force`: the output may replace
+    anything but the checkpoint (see `qcn.compile.artifacts.check_output`)."""
     report = Preflight(recipe)
     target = recipe.target_info
+    report.problems += output_problems(recipe, force=force)
+    ckpt_ok = True
+    if Path(recipe.checkpoint).is_dir():
+        problems, src_cfg = checkpoint_problems(recipe)
+        report.problems += problems
+        ckpt_ok = src_cfg is not None
+        if cfg is None and src_cfg is not None:
+            cfg, report.config_source = src_cfg, Path(recipe.checkpoint)
+    elif not target.is_gpu or recipe.model_config is None:
+        report.problems.append(f"checkpoint {recipe.checkpoint}: no such directory (a Hugging Face checkpoint "
+                               "directory with config.json, *.safetensors and tokenizer.json)")
+        ckpt_ok = False
     if not target.is_gpu:
         report.problems += quantization_problems(recipe)
         return report
-    if cfg is None:
+    if cfg is None and ckpt_ok:
         try:
             cfg, report.config_source = model_config_for(recipe)
         except (RecipeError, CheckpointError) as e:
             report.problems.append(str(e))
-    if cfg is not None:
-        if recipe.runtime.max_context > cfg.max_position_embeddings:
+        if cfg is not None and recipe.runtime.max_context > cfg.max_position_embeddings:
             report.problems.append(f"runtime.max_context {recipe.runtime.max_context} exceeds the model's "
                                    f"max_position_embeddings {cfg.max_position_embeddings}")
+    if cfg is not None:
         report.budget = compute_budget(recipe, cfg)
         if not report.budget.fits:
             b = report.budget

@@ -79,7 +79,7 @@ def check_io(network_io: dict, graph_spec: dict, where: str) -> None:
 
 
 def build_stage(recipe: Recipe, onnx_dir: Path, out: Path, *, module_version: str | None = None,
-                inputs_sha256: str | None = None, budget: dict | None = None) -> Path:
+                inputs_sha256: str | None = None, budget: dict | None = None, force: bool = False) -> Path:
     target = recipe.target_info
     if not target.is_gpu:
         raise RecipeError(f"target {target.name!r} has no build stage (onnxruntime runs the ONNX directly)")
@@ -120,7 +120,7 @@ def build_stage(recipe: Recipe, onnx_dir: Path, out: Path, *, module_version: st
             raise trtb.BuildError(f"engine header says TensorRT-RTX {header.version}, the module is {version}")
     log.info("built %s for %s in %.1fs (%.1f MB)", ENGINE, recipe.target, engine_loader.seconds, len(engine) / 1e6)
 
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, force=force, protect=[recipe.checkpoint]) as tmp:
         (tmp / ENGINE).write_bytes(engine)
         cache = trtb.timing_cache_bytes(config)
         if cache:

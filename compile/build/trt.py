@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from ...errors import QcnError
 from ..recipe import RecipeError
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,7 @@ DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "i
           "BOOL": "bool", "INT8": "int8", "FP8": "fp8", "INT4": "int4", "FP4": "fp4", "UINT8": "uint8"}
 
 
-class BuildError(RuntimeError):
+class BuildError(QcnError, RuntimeError):
     """TensorRT could not parse or build the network; the message names what and where."""
 
 

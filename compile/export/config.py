@@ -18,14 +18,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ...errors import QcnError
+
 __all__ = ["CheckpointError", "QuantizationConfig", "ModelConfig", "load_model_config"]
 
 LAYER_TYPES = ("linear_attention", "full_attention")
+# RoPE variants whose tables are fixed at export time (transformers computes them; `rope_tables`).
+# Dynamic variants (dynamic NTK, longrope) change the tables with the sequence length.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 ARCHITECTURE = "Qwen3NextForCausalLM"
 MODEL_TYPE = "qwen3_next"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(QcnError, ValueError):
     """A checkpoint (config.json, index, shard or tensor) that qcn cannot use as it is."""
 
 
@@ -244,6 +249,18 @@ def load_model_config(checkpoint_dir: Path | str) -> ModelConfig:
     if partial > 1 or int(ints["head_dim"] * partial) % 2:
         raise _error(path, "partial_rotary_factor", prf,
                      f"a factor in (0, 1] giving an even number of rotary dims of head_dim {ints['head_dim']}")
+
+    scaling = raw.get("rope_scaling")
+    if scaling is None and rope_params.get("rope_type", "default") != "default":
+        scaling = rope_params
+    if scaling is not None:
+        if not isinstance(scaling, dict):
+            raise _error(path, "rope_scaling", scaling, "null or an object with rope_type")
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise _error(path, "rope_scaling.rope_type", rope_type,
+                         f"one of {list(SUPPORTED_ROPE_TYPES)} (tables fixed at export time; dynamic variants "
+                         "such as 'dynamic' and 'longrope' change them with the sequence length)")
 
     dtype = raw.get("dtype", raw.get("torch_dtype"))
     if dtype is not None and not isinstance(dtype, str):

@@ -24,11 +24,10 @@ from torch import nn
 from ..plugins.attention.op import cached_attention
 from ..plugins.gated_deltanet.op import gated_deltanet
 from ..plugins.moe.op import moe
-from .config import ModelConfig
+from .config import SUPPORTED_ROPE_TYPES, CheckpointError, ModelConfig
 from .weights import WeightSpec, weight_specs
 
 LOGITS_MODES = ("last", "all")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 
 
 @dataclass(frozen=True)
@@ -45,8 +44,8 @@ def rope_tables(cfg: ModelConfig) -> RopeTables:
     hf_config = Qwen3NextConfig(**_thaw(cfg.raw))
     rope_type = hf_config.rope_parameters.get("rope_type", "default")
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(f"rope_type {rope_type!r} is not supported (its tables depend on the sequence length); "
-                         f"supported: {SUPPORTED_ROPE_TYPES}")
+        raise CheckpointError(f"config.json: rope_type {rope_type!r} is not supported; valid: "
+                              f"{list(SUPPORTED_ROPE_TYPES)}")
     rotary = Qwen3NextRotaryEmbedding(hf_config)
     return RopeTables(rotary.inv_freq.detach().float().clone(), float(rotary.attention_scaling))
 

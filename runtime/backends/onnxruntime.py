@@ -12,6 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import ArtifactError, BackendError
+from ...support import state_dtype_problems
 from ..manifest import Manifest, numpy_dtype
 
 __all__ = ["OrtBackend"]
@@ -52,12 +53,9 @@ class OrtBackend:
         self.artifact_dir = Path(artifact_dir) if artifact_dir is not None else manifest.artifact_dir
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise BackendError(f"threads must be a positive integer or None, got {threads!r}")
+        for _key, msg in state_dtype_problems(self.name, [(s.input, s.dtype) for s in manifest.state]):
+            raise ArtifactError(f"{manifest.artifact_dir / 'manifest.json'}: {msg}")  # qcn-compile checks it too
         for s in manifest.state:
-            if s.dtype == "bfloat16":
-                raise ArtifactError(
-                    f"{manifest.artifact_dir / 'manifest.json'}: state {s.input!r} is bfloat16; the onnxruntime "
-                    "backend feeds numpy arrays and supports float32/float16 state only"
-                )
             numpy_dtype(s.dtype, f"state {s.input!r}")
         manifest.verify_files()
 
