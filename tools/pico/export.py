@@ -70,7 +70,9 @@ def export(work: Path, cfg: PicoConfig, out: Path, *, max_eval_windows: int | No
     model, base_state = load_base(work, cfg)
     mtp = load_mtp(work, cfg, model)
     spec = cfg.model
-    with atomic_dir(out) as tmp:
+    # out is a checkpoint (no qcn manifest): replace it only if it already is one of this layout
+    previous_pico = (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    with atomic_dir(out, force=previous_pico) as tmp:
         model.config.output_router_logits = False
         model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
         tensors = {}
