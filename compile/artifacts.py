@@ -107,7 +107,8 @@ def describe(path: Path) -> str:
             return f"a directory qcn cannot list ({e.strerror})"
         shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
         what = "a manifest.json that is not a qcn artifact's" if "manifest.json" in names else "no qcn manifest"
-        return f"a directory holding {len(names)} entries ({shown}; {human_bytes(_size(path))}) and {what}"
+        n = f"{len(names)} entr{'y' if len(names) == 1 else 'ies'}"
+        return f"a directory holding {n} ({shown}; {human_bytes(_size(path))}) and {what}"
     if path.exists():
         return f"a file ({human_bytes(_size(path))})"
     return "nothing"
@@ -116,7 +117,8 @@ def describe(path: Path) -> str:
 def _protected(protect: Iterable[Path]) -> list[tuple[Path, str]]:
     out = [(Path(p).expanduser().resolve(), "the checkpoint directory") for p in protect if p is not None]
     out.append((Path.cwd().resolve(), "the current directory"))
-    out.append((Path.home().resolve(), "your home directory"))
+    with contextlib.suppress(RuntimeError, KeyError):  # no home directory (some containers)
+        out.append((Path.home().resolve(), "your home directory"))
     return out
 
 
@@ -125,10 +127,12 @@ def check_output(target: Path, *, force: bool = False, protect: Iterable[Path] =
     must survive whatever the flags (the checkpoint)."""
     target = Path(target)
     resolved = target.expanduser().resolve()
-    for p, what in _protected(protect):
+    protected = _protected(protect)
+    for p, what in protected:
         if resolved == p:
             raise OutputError(f"output {target} is {what} ({p}); qcn never replaces it: choose another output "
                               "directory (--out or the recipe's output)")
+    for p, what in protected:
         if resolved in p.parents:
             raise OutputError(f"output {target} contains {what} ({p}); qcn never replaces it: choose another output "
                               "directory (--out or the recipe's output)")
@@ -324,9 +328,15 @@ def atomic_dir(target: Path, *, force: bool = False, protect: Iterable[Path] = (
 # ---------------------------------------------------------------------------------------
 # hashing with a stat cache
 
-def default_cache_path() -> Path:
-    """`$XDG_CACHE_HOME/qcn/sha256.json` (default `~/.cache/qcn/sha256.json`); safe to delete."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+def default_cache_path() -> Path | None:
+    """`$XDG_CACHE_HOME/qcn/sha256.json` (default `~/.cache/qcn/sha256.json`); safe to delete.
+    None where there is no home directory (then hashes are remembered per process only)."""
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = str(Path.home() / ".cache")
+        except (RuntimeError, KeyError):
+            return None
     return Path(base) / "qcn" / "sha256.json"
 
 
