@@ -36,3 +36,7 @@ def qcn_compile() -> int:
 
 def qcn_tiny_checkpoint() -> int:
     return run("qcn-tiny-checkpoint", "qcn.compile.export.tiny", "compile")
+
+
+def qcn_serve() -> int:
+    return run("qcn-serve", "qcn.runtime.serve.cli", "serve")
