@@ -174,9 +174,9 @@ class Scheduler:
                     break
                 self._drop_cancelled()
                 admitted = self._admit()
-            for a in admitted:
-                self._start(a)
             try:
+                for a in admitted:
+                    self._start(a)
                 self._prefill_one()
                 self._decode_all()
             except Exception as e:  # a failing graph call fails the requests in it, not the server
@@ -224,7 +224,7 @@ class Scheduler:
 
     def _admit(self) -> list[_Active]:
         out = []
-        while self._waiting and self.session.free_slots > 0:
+        while self._waiting and len(self._active) < self.session.max_batch:
             req = self._waiting.popleft()
             eos = frozenset() if req.ignore_eos else self.eos
             seq = _Seq(0, req.prompt_ids, req.params, self.tokenizer, eos, lambda _i, d, r=req: self._on_text(r, d))
