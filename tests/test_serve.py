@@ -382,3 +382,107 @@ def test_non_streaming_disconnect_cancels(small, slow):
     r = small.client("sesame").completions.create(model="pico", prompt=PROMPTS[1], max_tokens=4)
     assert r.usage.completion_tokens == 4
 
+
+
+# -- exact multi-turn state reuse ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def reuse(artifact):
+    s = LiveServer(Server(ServeConfig(artifact, threads=1, model_name="pico", prefix_cache_bytes=64 << 20)))
+    yield s
+    s.close()
+
+
+def _idle(s):
+    _wait(lambda: (lambda h: h["running"] == 0 and h["waiting"] == 0 and h["background"] == 0)(_health(s)), "the server to be idle")
+
+
+TURNS = ["def add(a, b):", "Now subtract.", "And multiply?", "Divide, with a check for zero."]
+
+
+def _chat(s, turns, max_tokens=24):
+    c = s.client()
+    msgs, out = [{"role": "system", "content": "You write Python."}], []
+    for u in turns:
+        msgs.append({"role": "user", "content": u})
+        r = c.chat.completions.create(model="pico", messages=msgs, max_tokens=max_tokens, temperature=0)
+        out.append((r.choices[0].message.content, r.usage.prompt_tokens, r.usage.prompt_tokens_details.cached_tokens))
+        msgs.append({"role": "assistant", "content": r.choices[0].message.content})
+        _idle(s)
+    return out
+
+
+def test_multi_turn_reuse_gives_the_same_replies_and_prefills_less(live, reuse):
+    assert _health(reuse)["kept_states"] == 0
+    plain, reused = _chat(live, TURNS), _chat(reuse, TURNS)
+    assert [t for t, _, _ in reused] == [t for t, _, _ in plain]
+    assert [p for _, p, _ in reused] == [p for _, p, _ in plain]
+    assert all(c == 0 for _, _, c in plain) and reused[0][2] == 0
+    for (_, prev_prompt, _), (_, prompt, cached) in zip(reused, reused[1:]):
+        assert prev_prompt <= cached < prompt  # at least the previous prompt's state was restored
+    assert any(cached > prev_prompt for (_, prev_prompt, _), (_, _, cached) in zip(reused, reused[1:])), "no reply state was ever reused"
+    assert _health(reuse)["kept_states"] > 0
+
+
+def test_restored_prefill_is_bit_identical_to_prefilling_from_scratch(artifact):
+    """Through the scheduler itself: the logits at the end of turn 2's prompt, restored from
+    turn 1's kept state, equal bit for bit those of a scheduler without reuse."""
+    import numpy as np
+
+    from qcn.runtime.serve.prefix_cache import PrefixCache
+    from qcn.runtime.serve.scheduler import Request, Scheduler
+
+    g = load(artifact, threads=1)
+    try:
+        calls = []
+        real = g.session.prefill
+
+        def recording(handle, ids):
+            start = g.session.past_len(handle)
+            out = real(handle, ids)
+            calls.append((start, len(ids), out.copy()))
+            return out
+
+        g.session.prefill = recording
+
+        def run(sched, ids, n):
+            done, text = threading.Event(), []
+
+            def sink(ev):
+                if ev.kind == "delta":
+                    text.append(ev.text)
+                elif ev.kind in ("done", "cancelled", "error"):
+                    text.append(ev)
+                    done.set()
+
+            req = Request(ids, g.params(temperature=0.0, max_new_tokens=n), sink)
+            sched.submit(req)
+            assert done.wait(60)
+            assert text[-1].kind == "done"
+            return "".join(text[:-1]), req
+
+        def end_logits(prompt_len):
+            (hit,) = [lg for start, n, lg in calls if start + n == prompt_len]
+            return hit
+
+        tok = g.tokenizer
+        p1 = tok.encode(LONG_PROMPT)  # several chunks (prefill_chunk 16)
+        results = {}
+        for cache in (None, PrefixCache(64 << 20)):
+            sched = Scheduler(g.session, tok, queue_size=4, prefix_cache=cache)
+            sched.start()
+            try:
+                text1, r1 = run(sched, p1, 20)
+                _wait(lambda: sched.background == 0, "the kept reply state")
+                reply = tok.encode(text1)
+                p2 = p1 + reply + tok.encode("\n# next\n")
+                calls.clear()
+                text2, r2 = run(sched, p2, 20)
+                results[cache is not None] = (text1, text2, r2.cached_tokens, end_logits(len(p2)))
+            finally:
+                sched.stop()
+        (a1, a2, a_cached, a_logits), (b1, b2, b_cached, b_logits) = results[False], results[True]
+        assert a_cached == 0 and b_cached >= len(p1)
+        assert (a1, a2) == (b1, b2)
+        assert np.array_equal(a_logits, b_logits), f"max |diff| {np.abs(a_logits - b_logits).max()}"
+    finally:
+        g.close()

@@ -203,7 +203,9 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": server.model_name, "running": server.scheduler.running, "waiting": server.scheduler.queue_depth}
+        sch = server.scheduler
+        return {"status": "ok", "model": server.model_name, "running": sch.running, "waiting": sch.queue_depth, "background": sch.background,
+                "kept_states": len(server.prefix_cache) if server.prefix_cache is not None else 0}
 
     @app.get("/metrics")
     async def metrics():

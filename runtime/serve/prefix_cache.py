@@ -40,6 +40,9 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __contains__(self, tokens) -> bool:
+        return tuple(tokens) in self._entries
+
     def lookup(self, ids: Sequence[int]):
         """The snapshot of the longest kept key that is a strict prefix of ``ids`` (None if none)."""
         ids = tuple(ids)

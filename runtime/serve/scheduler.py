@@ -62,8 +62,10 @@ _ids = itertools.count()
 class Request:
     """One generation request: token ids in, events out (through ``sink``)."""
 
-    def __init__(self, prompt_ids: Sequence[int], params: SamplingParams, sink: Callable[[Event], None], *, ignore_eos: bool = False):
+    def __init__(self, prompt_ids: Sequence[int], params: SamplingParams | None, sink: Callable[[Event], None], *, ignore_eos: bool = False, internal: bool = False):
         self.id = next(_ids)
+        self.internal = internal  # a state-keeping prefill of the scheduler's own (no output)
+        self.min_kept = 0  # internal: run only if a kept state covers at least this many tokens
         self.prompt_ids = [int(t) for t in prompt_ids]
         self.params = params
         self.sink = sink
@@ -101,9 +103,19 @@ class _Active:
 class Scheduler:
     """Owns ``session``; ``submit`` / ``cancel`` may be called from any thread.
 
-    ``prefix_cache`` (optional, :class:`~qcn.runtime.serve.prefix_cache.PrefixCache`) keeps the
-    state at the end of each prompt and each finished request; a request whose tokens extend a
-    kept prefix restores it and prefills only the rest.
+    ``prefix_cache`` (optional, :class:`~qcn.runtime.serve.prefix_cache.PrefixCache`) keeps
+    states by the tokens they cover; a request whose tokens extend a kept key restores it and
+    prefills only the rest. Only states computed by the prefill graph are kept, so a restored
+    request computes exactly what prefilling its whole prompt from scratch computes:
+
+    - at the end of every prompt, the slot's state (key: the prompt);
+    - after every finished request, the state of prompt + generated tokens: not the slot's own
+      state, which the decode graph computed token by token (its floats differ from a prefill's
+      in the last bits: 4.3e-6 max |logit| difference on qcn-pico), but a prefill of the
+      generated tokens on top of the kept prompt state, run by the scheduler as background work
+      when no request is waiting (an internal request without output). The next turn of a
+      conversation, which resends prompt + reply + a new message, then prefills only the new
+      message.
     """
 
     def __init__(self, session: Session, tokenizer: Tokenizer, *, queue_size: int, metrics=None, prefix_cache=None):
@@ -116,6 +128,8 @@ class Scheduler:
         self._cond = threading.Condition()
         self._waiting: deque[Request] = deque()
         self._active: list[_Active] = []
+        # (prompt + reply tokens, prompt length): prefill-computed states still to keep
+        self._keep_jobs: deque[tuple[list[int], int]] = deque(maxlen=4 * session.max_batch)
         self._stop = False
         self._thread: threading.Thread | None = None
 
@@ -138,7 +152,7 @@ class Scheduler:
         with self._cond:
             if self._stop:
                 raise QueueFullError("the server is shutting down")
-            busy = len(self._active) >= self.session.max_batch
+            busy = sum(not a.req.internal for a in self._active) >= self.session.max_batch
             if busy and len(self._waiting) >= self.queue_size:
                 raise QueueFullError(
                     f"server busy: all {self.session.max_batch} sequence slots are in use and "
@@ -162,13 +176,19 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        return len(self._active)
+        """Requests holding a slot (background state-keeping prefills not counted)."""
+        return sum(not a.req.internal for a in self._active)
+
+    @property
+    def background(self) -> int:
+        """State-keeping prefills pending or running."""
+        return len(self._keep_jobs) + sum(a.req.internal for a in self._active)
 
     # -- the loop ----------------------------------------------------------------------
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._stop and not self._waiting and not self._active:
+                while not self._stop and not self._waiting and not self._active and not self._keep_jobs:
                     self._cond.wait()
                 if self._stop:
                     break
@@ -198,6 +218,8 @@ class Scheduler:
 
     def _finish(self, req: Request, ev: Event) -> None:
         req.finished = True
+        if req.internal:
+            return
         req.finish_reason = ev.finish_reason
         if self.metrics is not None:
             self.metrics.request_finished(req, ev.kind)
@@ -231,12 +253,30 @@ class Scheduler:
             a = _Active(req, None, seq, 0)
             self._active.append(a)
             out.append(a)
+        while not self._waiting and self._keep_jobs and len(self._active) < self.session.max_batch:
+            tokens, n_prompt = self._keep_jobs.popleft()
+            if tokens in self.prefix_cache:
+                continue
+            req = Request(tokens, None, lambda _ev: None, internal=True)
+            req.min_kept = n_prompt
+            a = _Active(req, None, None, 0)
+            self._active.append(a)
+            out.append(a)
+            break
         self._gauges()
         return out
 
     def _start(self, a: _Active) -> None:
         """Give ``a`` its slot: a restored kept state, or a fresh one."""
         snap = self.prefix_cache.lookup(a.req.prompt_ids) if self.prefix_cache is not None else None
+        if a.req.internal and (snap is None or snap.tokens < a.req.min_kept):
+            # the prompt's state is gone: recomputing the whole conversation in the background
+            # would cost more than it may ever save
+            with self._cond:
+                self._active.remove(a)
+                a.req.finished = True
+                self._gauges()
+            return
         if snap is not None:
             a.handle = self.session.restore(snap)
             a.pos = snap.tokens
@@ -261,13 +301,14 @@ class Scheduler:
         a.seq.accept(token)
         req.completion_tokens = len(a.seq.token_ids)
         if a.seq.done:
-            self._keep_state(a, a.req.prompt_ids + a.seq.token_ids[:-1])
+            if self.prefix_cache is not None and not req.cancelled:
+                self._keep_jobs.append((req.prompt_ids + a.seq.token_ids, len(req.prompt_ids)))
             with self._cond:
                 self._release(a)
                 self._finish(req, Event("done", text=a.seq.text, finish_reason=a.seq.finish_reason))
 
     def _keep_state(self, a: _Active, tokens: list[int]) -> None:
-        """Keep the slot's state (it covers exactly ``tokens``) for later requests."""
+        """Keep the slot's state (prefilled; it covers exactly ``tokens``) for later requests."""
         if self.prefix_cache is None or len(tokens) == 0 or a.req.cancelled:
             return
         if self.session.past_len(a.handle) != len(tokens):
@@ -279,7 +320,7 @@ class Scheduler:
         todo = [a for a in self._active if a.pos < len(a.req.prompt_ids)]
         if not todo:
             return
-        a = todo[0]
+        a = next((a for a in todo if not a.req.internal), todo[0])  # requests before background work
         ids = a.req.prompt_ids
         n = self.session.prefill_chunk
         chunk = ids[a.pos : a.pos + n]
@@ -287,10 +328,15 @@ class Scheduler:
         a.pos += len(chunk)
         if a.pos == len(ids):
             self._keep_state(a, ids)
-            self._accept(a, a.seq.sampler(logits), time.perf_counter())
+            if a.req.internal:
+                with self._cond:
+                    self._release(a)
+                    a.req.finished = True
+            else:
+                self._accept(a, a.seq.sampler(logits), time.perf_counter())
 
     def _decode_all(self) -> None:
-        live = [a for a in self._active if a.pos == len(a.req.prompt_ids) and a.seq.token_ids and not a.seq.done]
+        live = [a for a in self._active if not a.req.internal and a.pos == len(a.req.prompt_ids) and a.seq.token_ids and not a.seq.done]
         if not live:
             return
         logits = self.session.decode([a.handle for a in live], [a.seq.token_ids[-1] for a in live])
