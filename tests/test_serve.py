@@ -417,8 +417,10 @@ def test_multi_turn_reuse_gives_the_same_replies_and_prefills_less(live, reuse):
     assert [t for t, _, _ in reused] == [t for t, _, _ in plain]
     assert [p for _, p, _ in reused] == [p for _, p, _ in plain]
     assert all(c == 0 for _, _, c in plain) and reused[0][2] == 0
+    chunk = reuse.server.session.prefill_chunk
     for (_, prev_prompt, _), (_, prompt, cached) in zip(reused, reused[1:]):
-        assert prev_prompt <= cached < prompt  # at least the previous prompt's state was restored
+        # kept states sit at chunk boundaries; at least the previous prompt's was restored
+        assert cached % chunk == 0 and prev_prompt // chunk * chunk <= cached < prompt
     assert any(cached > prev_prompt for (_, prev_prompt, _), (_, _, cached) in zip(reused, reused[1:])), "no reply state was ever reused"
     assert _health(reuse)["kept_states"] > 0
 
@@ -481,7 +483,8 @@ def test_restored_prefill_is_bit_identical_to_prefilling_from_scratch(artifact):
             finally:
                 sched.stop()
         (a1, a2, a_cached, a_logits), (b1, b2, b_cached, b_logits) = results[False], results[True]
-        assert a_cached == 0 and b_cached >= len(p1)
+        chunk = g.session.prefill_chunk
+        assert a_cached == 0 and b_cached >= len(p1) // chunk * chunk and b_cached % chunk == 0
         assert (a1, a2) == (b1, b2)
         assert np.array_equal(a_logits, b_logits), f"max |diff| {np.abs(a_logits - b_logits).max()}"
     finally:

@@ -105,17 +105,21 @@ class Scheduler:
 
     ``prefix_cache`` (optional, :class:`~qcn.runtime.serve.prefix_cache.PrefixCache`) keeps
     states by the tokens they cover; a request whose tokens extend a kept key restores it and
-    prefills only the rest. Only states computed by the prefill graph are kept, so a restored
-    request computes exactly what prefilling its whole prompt from scratch computes:
+    prefills only the rest. A restored request computes bit for bit what prefilling its whole
+    prompt from scratch computes, because
 
-    - at the end of every prompt, the slot's state (key: the prompt);
-    - after every finished request, the state of prompt + generated tokens: not the slot's own
-      state, which the decode graph computed token by token (its floats differ from a prefill's
-      in the last bits: 4.3e-6 max |logit| difference on qcn-pico), but a prefill of the
-      generated tokens on top of the kept prompt state, run by the scheduler as background work
-      when no request is waiting (an internal request without output). The next turn of a
-      conversation, which resends prompt + reply + a new message, then prefills only the new
-      message.
+    - prompts are prefilled in chunks aligned to absolute positions (multiples of
+      ``runtime.prefill_chunk``: from scratch 0, c, 2c, ...; after a restore at k*c the same
+      boundaries), and states are kept only at such boundaries. (Measured on qcn-pico with the
+      ONNX Runtime backend: splitting a prefill anywhere else changes the logits by up to
+      3.8e-6, splitting it at a multiple of the chunk size changes nothing.)
+    - only states computed by the prefill graph are kept. A finished request's own state was
+      computed by the decode graph, token by token (4.3e-6 max |logit| difference from a
+      prefill on qcn-pico), so it is not kept; instead the scheduler prefills prompt + reply on
+      top of the kept prompt state as background work when no request is waiting (an internal
+      request without output) and keeps that. The next turn of a conversation, which resends
+      prompt + reply + a new message, then prefills only the new message (plus less than one
+      chunk).
     """
 
     def __init__(self, session: Session, tokenizer: Tokenizer, *, queue_size: int, metrics=None, prefix_cache=None):
@@ -301,8 +305,10 @@ class Scheduler:
         a.seq.accept(token)
         req.completion_tokens = len(a.seq.token_ids)
         if a.seq.done:
-            if self.prefix_cache is not None and not req.cancelled:
-                self._keep_jobs.append((req.prompt_ids + a.seq.token_ids, len(req.prompt_ids)))
+            n = self.session.prefill_chunk
+            whole = req.prompt_ids + a.seq.token_ids
+            if self.prefix_cache is not None and not req.cancelled and len(whole) // n > len(req.prompt_ids) // n:
+                self._keep_jobs.append((whole[: len(whole) // n * n], len(req.prompt_ids) // n * n))
             with self._cond:
                 self._release(a)
                 self._finish(req, Event("done", text=a.seq.text, finish_reason=a.seq.finish_reason))
@@ -323,11 +329,12 @@ class Scheduler:
         a = next((a for a in todo if not a.req.internal), todo[0])  # requests before background work
         ids = a.req.prompt_ids
         n = self.session.prefill_chunk
-        chunk = ids[a.pos : a.pos + n]
+        chunk = ids[a.pos : min(len(ids), (a.pos // n + 1) * n)]  # aligned to multiples of n
         logits = self.session.prefill(a.handle, chunk)
         a.pos += len(chunk)
+        if a.pos == len(ids) // n * n:  # the last chunk boundary of the prompt
+            self._keep_state(a, ids[: a.pos])
         if a.pos == len(ids):
-            self._keep_state(a, ids)
             if a.req.internal:
                 with self._cond:
                     self._release(a)
