@@ -246,10 +246,10 @@ def create_app(server: Server) -> FastAPI:
                 final = ev
         finally:
             server.scheduler.cancel(job)
-        if final is None or final.kind == "cancelled":
-            return Response(status_code=499)
-        if final.kind == "error":
+        if final is not None and final.kind == "error":
             raise APIError(500, final.text)
+        if final is None or final.kind != "done":  # the client went away (or the server is stopping)
+            return Response(status_code=499)
         if parser is not None:
             msg = collect([parser.feed(final.text), parser.finish()])
             message = {"role": "assistant", "content": msg.content or None}
@@ -290,10 +290,10 @@ def create_app(server: Server) -> FastAPI:
                 final = ev
         finally:
             server.scheduler.cancel(job)
-        if final is None or final.kind == "cancelled":
-            return Response(status_code=499)
-        if final.kind == "error":
+        if final is not None and final.kind == "error":
             raise APIError(500, final.text)
+        if final is None or final.kind != "done":  # the client went away (or the server is stopping)
+            return Response(status_code=499)
         return {
             **head,
             "choices": [{"index": 0, "text": final.text, "logprobs": None, "finish_reason": _finish_reason(final.finish_reason, None)}],
