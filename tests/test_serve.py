@@ -489,3 +489,42 @@ def test_restored_prefill_is_bit_identical_to_prefilling_from_scratch(artifact):
         assert np.array_equal(a_logits, b_logits), f"max |diff| {np.abs(a_logits - b_logits).max()}"
     finally:
         g.close()
+
+
+def test_long_prompt_prefill_is_interleaved_with_running_decode(reference):
+    """A long prompt arriving while another request decodes is prefilled one chunk per decode
+    step of the running batch (it never stalls that stream for more than a chunk), then joins
+    the batch: both decode in one call."""
+    from qcn.runtime.serve.scheduler import Request, Scheduler
+
+    g = reference.generator
+    session = g.session
+    calls = []
+    real_prefill, real_decode = session.prefill, session.decode
+    session.prefill = lambda h, ids: (calls.append(("P", len(ids))), real_prefill(h, ids))[1]
+    session.decode = lambda hs, toks: (calls.append(("D", len(hs))), real_decode(hs, toks))[1]
+    sched = Scheduler(session, g.tokenizer, queue_size=4)
+    sched.start()
+    try:
+        deltas, done = [], [threading.Event(), threading.Event()]
+
+        def sink(i):
+            return lambda ev: (deltas.append(i) if ev.kind == "delta" else done[i].set())
+
+        sched.submit(Request(g.tokenizer.encode(PROMPTS[0]), g.params(temperature=0.0, max_new_tokens=120), sink(0), ignore_eos=True))
+        _wait(lambda: len(deltas) >= 3, "the first request to stream")
+        long_ids = g.tokenizer.encode(LONG_PROMPT)
+        n_chunks = -(-len(long_ids) // session.prefill_chunk)
+        assert n_chunks >= 4
+        sched.submit(Request(long_ids, g.params(temperature=0.0, max_new_tokens=4), sink(1)))
+        assert done[1].wait(60) and done[0].wait(60)
+    finally:
+        sched.stop()
+        del session.prefill, session.decode
+    first_b = next(i for i, c in enumerate(calls) if c[0] == "P" and i > 1)
+    b_part = calls[first_b:]
+    b_chunks = [i for i, c in enumerate(b_part) if c[0] == "P"][:n_chunks]
+    assert [b_part[i][1] for i in b_chunks] == [min(session.prefill_chunk, len(long_ids) - k * session.prefill_chunk) for k in range(n_chunks)]
+    for i, j in zip(b_chunks, b_chunks[1:]):
+        assert b_part[i + 1 : j] == [("D", 1)], f"between prefill chunks: {b_part[i + 1 : j]}"
+    assert ("D", 2) in b_part[b_chunks[-1] :]  # then both decode together
