@@ -273,7 +273,7 @@ class Scheduler:
     def _start(self, a: _Active) -> None:
         """Give ``a`` its slot: a restored kept state, or a fresh one."""
         snap = self.prefix_cache.lookup(a.req.prompt_ids) if self.prefix_cache is not None else None
-        if a.req.internal and (snap is None or snap.tokens < a.req.min_kept):
+        if a.req.internal and (snap.tokens if snap is not None else 0) < a.req.min_kept:
             # the prompt's state is gone: recomputing the whole conversation in the background
             # would cost more than it may ever save
             with self._cond:
