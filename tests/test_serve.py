@@ -528,3 +528,15 @@ def test_long_prompt_prefill_is_interleaved_with_running_decode(reference):
     for i, j in zip(b_chunks, b_chunks[1:]):
         assert b_part[i + 1 : j] == [("D", 1)], f"between prefill chunks: {b_part[i + 1 : j]}"
     assert ("D", 2) in b_part[b_chunks[-1] :]  # then both decode together
+
+
+def test_cli_bad_input_is_one_line(tmp_path, capsys):
+    from qcn.runtime.serve import cli
+
+    assert cli.main([str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("qcn-serve: error: ") and "\n" not in err and "Traceback" not in err
+    assert cli.main([str(tmp_path), "--prefix-cache-mb", "-1"]) == 2
+    assert "--prefix-cache-mb" in capsys.readouterr().err
+    assert cli.main([str(tmp_path), "--port", "70000"]) == 2
+    assert "port" in capsys.readouterr().err
