@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 from .errors import ContextLengthError, CapacityError, RequestError, TokenizerError
 from .manifest import Manifest, load_manifest
 from .sampling import Sampler, SamplingParams, params_per_sequence
-from .session import Session
+from .session import SeqHandle, Session
 from .tokenizer import IncrementalDecoder, Tokenizer
 
 __all__ = ["Result", "generate", "Generator", "load", "FINISH_REASONS"]
@@ -57,7 +57,7 @@ class _Seq:
         self.stops = params.stop
         self.max_stop = max((len(s) for s in self.stops), default=0)
         self.on_token = on_token
-        self.slot: int | None = None
+        self.handle: SeqHandle | None = None
         self.token_ids: list[int] = []
         self.text = ""  # final text once finished
         self.emitted = 0  # chars of the decoded text already streamed
@@ -186,10 +186,10 @@ def generate(
     t0 = time.perf_counter()
     try:
         for s in seqs:
-            s.slot = session.allocate()
+            s.handle = session.allocate()
         n_prompt = 0
         for s in seqs:
-            logits = session.prefill(s.slot, s.prompt_ids)
+            logits = session.prefill(s.handle, s.prompt_ids)
             n_prompt += len(s.prompt_ids)
             s.accept(s.sampler(logits))
         t1 = time.perf_counter()
@@ -198,15 +198,15 @@ def generate(
             live = [s for s in seqs if not s.done]
             if not live:
                 break
-            logits = session.decode([s.slot for s in live], [s.token_ids[-1] for s in live])
+            logits = session.decode([s.handle for s in live], [s.token_ids[-1] for s in live])
             steps += 1
             for s, row in zip(live, logits):
                 s.accept(s.sampler(row))
         t2 = time.perf_counter()
     finally:
         for s in seqs:
-            if s.slot is not None:
-                session.release(s.slot)
+            if s.handle is not None:
+                session.release(s.handle)
     n_gen = sum(len(s.token_ids) for s in seqs)
     log.info(
         "generate: %d seqs, prefill %d tokens in %.3fs, %d decode steps (%d tokens) in %.3fs",
@@ -232,6 +232,7 @@ class Generator:
         return generate(self.session, prompts, params, on_token)
 
     def close(self) -> None:
+        self.session.close()
         self.backend.close()
 
     def __enter__(self) -> "Generator":

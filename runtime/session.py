@@ -1,30 +1,47 @@
-"""Per-sequence-slot state and the graph calls (docs/CONTRACT.md, "Graph I/O").
+"""Sequences, slots and positions over a backend's state store (docs/CONTRACT.md, "Graph I/O").
 
-A :class:`Session` owns ``max_batch`` sequence slots. For every entry of the manifest's
-``state`` list it keeps one buffer with a leading slot axis:
+A :class:`Session` has ``max_batch`` sequence slots. It keeps only who owns each slot and each
+slot's ``past_len``; the state itself (carried ``conv_state`` / ``recurrent_state``, KV caches)
+lives in the backend's state store (:mod:`qcn.runtime.state`), created by
+``backend.create_state``. Each graph call passes the store the slots, the new token ids and
+their ``past_len``; the store binds the slots' state, runs the graph, replaces the carried
+states and appends the new tokens' K/V.
 
-- carried states (``conv_state``, ``recurrent_state``): ``[slots, *shape]``, zero when a slot
-  is (re)started; the graph's ``present.*`` output replaces the input after every call.
-- KV caches (``key``, ``value``): ``[slots, KVH, max_context, D]``. The graph receives
-  ``past_key.{i}`` sliced to ``past`` positions, where ``past`` = max past_len over the batch
-  (at least 1: a length-1 slice is always safe because the graph ignores positions
-  >= past_len, and it spares graphs and kernels a zero-size dim). It returns only the new
-  tokens' K/V, which the session writes at ``past_len .. past_len + T - 1``.
+Sequences are addressed by :class:`SeqHandle` (from :meth:`Session.allocate` or
+:meth:`Session.restore`): a slot index plus an owner token unique to that allocation. A
+handle whose sequence was released is refused (:class:`SlotError`) by every method, so it can
+never read or advance the sequence that reuses its slot.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
-from .errors import BackendError, CapacityError, ContextLengthError, SlotError
-from .manifest import Manifest, StateSpec, numpy_dtype
+from .errors import CapacityError, ContextLengthError, SlotError
+from .manifest import Manifest
+from .state import StateSnapshot, StateStore, check_arrays, state_layout, _Layout
 
-__all__ = ["Session"]
+__all__ = ["Session", "SeqHandle", "StateSnapshot"]
 
 log = logging.getLogger(__name__)
+
+_owners = itertools.count(1)  # owner tokens, unique across all sessions of the process
+
+
+@dataclass(frozen=True)
+class SeqHandle:
+    """One allocated sequence of a Session: its slot and the owner token of that allocation."""
+
+    slot: int
+    owner: int
+
+    def __repr__(self) -> str:
+        return f"SeqHandle(slot={self.slot}, owner={self.owner})"
 
 
 class Session:
@@ -42,22 +59,11 @@ class Session:
         self.max_context = self._limit("max_context", max_context, manifest.model.max_context)
         self.prefill_chunk = manifest.runtime.prefill_chunk
         self.vocab_size = manifest.model.vocab_size
-        self._prefill = manifest.graph("prefill")
-        self._decode = manifest.graph("decode")
-        self._id_dtype = {g.name: numpy_dtype(g.input("input_ids").dtype) for g in (self._prefill, self._decode)}
-        self._len_dtype = {g.name: numpy_dtype(g.input("past_len").dtype) for g in (self._prefill, self._decode)}
-        self._carried: list[tuple[StateSpec, np.ndarray]] = []
-        self._cache: list[tuple[StateSpec, np.ndarray]] = []
-        for s in manifest.state:
-            dt = numpy_dtype(s.dtype, f"state {s.input!r}")
-            if s.carried:
-                self._carried.append((s, np.zeros((self.max_batch, *s.shape), dtype=dt)))
-            else:
-                kvh, _, d = s.shape
-                # np.zeros is lazily committed by the OS: untouched positions cost no RAM
-                self._cache.append((s, np.zeros((self.max_batch, kvh, self.max_context, d), dtype=dt)))
+        self.store: StateStore = backend.create_state(slots=self.max_batch, max_context=self.max_context)
+        self._layout = _Layout(manifest)
+        self._layout_key = state_layout(manifest)
         self._past_len = np.zeros(self.max_batch, dtype=np.int64)
-        self._in_use = [False] * self.max_batch
+        self._owner: list[int | None] = [None] * self.max_batch
 
     @staticmethod
     def _limit(name: str, value: int | None, manifest_value: int) -> int:
@@ -67,46 +73,77 @@ class Session:
             raise CapacityError(f"{name} must be an integer in 1..{manifest_value} (the manifest's value), got {value!r}")
         return value
 
-    # -- slots ---------------------------------------------------------------------------
-    def allocate(self) -> int:
-        """Reserve a free slot, reset it and return its index."""
-        for i, used in enumerate(self._in_use):
-            if not used:
-                self._in_use[i] = True
-                self.reset(i)
-                return i
+    # -- sequences -----------------------------------------------------------------------
+    def allocate(self) -> SeqHandle:
+        """Reserve a free slot for a new sequence (past_len 0, carried states zero)."""
+        for i, owner in enumerate(self._owner):
+            if owner is None:
+                handle = SeqHandle(i, next(_owners))
+                self._owner[i] = handle.owner
+                self._past_len[i] = 0
+                self.store.reset(i)
+                return handle
         raise CapacityError(f"all {self.max_batch} sequence slots are in use (runtime.max_batch = {self.max_batch})")
 
-    def release(self, slot: int) -> None:
-        self._check_slot(slot)
-        self._in_use[slot] = False
-
-    def reset(self, slot: int) -> None:
-        """Start the slot over: past_len 0, carried states zero (the KV cache needs no clearing:
-        positions >= past_len are ignored by the graph)."""
-        self._check_slot(slot)
+    def release(self, handle: SeqHandle) -> None:
+        """End the sequence; its handle is refused from now on and its slot can be reused."""
+        slot = self._check(handle)
+        self._owner[slot] = None
         self._past_len[slot] = 0
-        for _, buf in self._carried:
-            buf[slot] = 0
+        self.store.reset(slot)
 
-    def past_len(self, slot: int) -> int:
-        self._check_slot(slot)
-        return int(self._past_len[slot])
+    def reset(self, handle: SeqHandle) -> None:
+        """Start the sequence over: past_len 0, carried states zero (the KV cache needs no
+        clearing: positions >= past_len are ignored by the graphs)."""
+        slot = self._check(handle)
+        self._past_len[slot] = 0
+        self.store.reset(slot)
+
+    def past_len(self, handle: SeqHandle) -> int:
+        return int(self._past_len[self._check(handle)])
 
     @property
     def free_slots(self) -> int:
-        return self._in_use.count(False)
+        return self._owner.count(None)
 
-    def _check_slot(self, slot) -> int:
-        if isinstance(slot, bool) or not isinstance(slot, (int, np.integer)) or not 0 <= slot < self.max_batch:
-            raise SlotError(f"unknown slot {slot!r}; slots are 0..{self.max_batch - 1} (max_batch = {self.max_batch})")
-        return int(slot)
+    def _check(self, handle) -> int:
+        """The slot of a live handle; SlotError for anything else."""
+        if not isinstance(handle, SeqHandle):
+            raise SlotError(f"expected a SeqHandle from Session.allocate() or Session.restore(), got {handle!r}")
+        slot = handle.slot
+        if not 0 <= slot < self.max_batch or self._owner[slot] != handle.owner:
+            raise SlotError(f"{handle!r} is not a live sequence of this session (released, or from another session)")
+        return slot
+
+    # -- snapshots -----------------------------------------------------------------------
+    def snapshot(self, handle: SeqHandle) -> StateSnapshot:
+        """Host copies of the sequence's carried states and KV prefix ``[:past_len]``."""
+        slot = self._check(handle)
+        p = int(self._past_len[slot])
+        return StateSnapshot.freeze(p, self.store.read(slot, p), self._layout_key)
+
+    def restore(self, snapshot: StateSnapshot) -> SeqHandle:
+        """A new sequence holding ``snapshot``'s state: continuing it is bit-identical to
+        continuing the sequence the snapshot was taken from."""
+        if not isinstance(snapshot, StateSnapshot):
+            raise SlotError(f"expected a StateSnapshot from Session.snapshot(), got {type(snapshot).__name__}")
+        if snapshot.layout != self._layout_key:
+            raise SlotError("the snapshot was taken from another model (state layout or artifact files differ)")
+        check_arrays(self._layout, snapshot.arrays, snapshot.tokens, self.max_context)
+        handle = self.allocate()
+        try:
+            self.store.write(handle.slot, snapshot.arrays)
+        except BaseException:
+            self.release(handle)
+            raise
+        self._past_len[handle.slot] = snapshot.tokens
+        return handle
 
     # -- graph calls ---------------------------------------------------------------------
-    def prefill(self, slot: int, token_ids: Sequence[int]) -> np.ndarray:
-        """Consume ``token_ids`` in slot ``slot`` (continuing from its past_len) with the prefill
-        graph in chunks of ``runtime.prefill_chunk``; return the last token's logits [V]."""
-        slot = self._check_slot(slot)
+    def prefill(self, handle: SeqHandle, token_ids: Sequence[int]) -> np.ndarray:
+        """Consume ``token_ids`` (continuing from the sequence's past_len) with the prefill graph
+        in chunks of ``runtime.prefill_chunk``; return the last token's logits [V]."""
+        slot = self._check(handle)
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
         if ids.size == 0:
             raise ContextLengthError("prefill needs at least one token")
@@ -122,19 +159,19 @@ class Session:
             logits = self._step("prefill", [slot], chunk[None, :])
         return logits[0]
 
-    def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
-        """One decode step for several slots at once (each at its own past_len).
-        Returns logits [len(slots), V]."""
-        slots = [self._check_slot(s) for s in slots]
+    def decode(self, handles: Sequence[SeqHandle], tokens: Sequence[int]) -> np.ndarray:
+        """One decode step for several sequences at once (each at its own past_len).
+        Returns logits [len(handles), V]."""
+        if isinstance(handles, SeqHandle):
+            raise SlotError("decode takes a list of handles (and one token per handle)")
+        slots = [self._check(h) for h in handles]
         if not slots:
-            raise SlotError("decode needs at least one slot")
+            raise SlotError("decode needs at least one sequence")
         if len(set(slots)) != len(slots):
-            raise SlotError(f"duplicate slots in one decode call: {slots}")
-        if len(slots) > self.max_batch:
-            raise CapacityError(f"{len(slots)} sequences exceed max_batch {self.max_batch}")
+            raise SlotError(f"the same sequence twice in one decode call: slots {slots}")
         toks = np.asarray(tokens, dtype=np.int64).reshape(-1)
         if toks.size != len(slots):
-            raise SlotError(f"decode got {toks.size} tokens for {len(slots)} slots (one token per slot)")
+            raise SlotError(f"decode got {toks.size} tokens for {len(slots)} sequences (one token per sequence)")
         self._check_ids(toks)
         full = [s for s in slots if self._past_len[s] + 1 > self.max_context]
         if full:
@@ -147,40 +184,13 @@ class Session:
             raise SlotError(f"token id {int(bad[0])} is outside the vocabulary 0..{self.vocab_size - 1}")
 
     def _step(self, graph: str, slots: list[int], input_ids: np.ndarray) -> np.ndarray:
-        """Run one graph call for ``slots`` with ``input_ids`` [B, T]; update state; return
-        the last position's logits [B, V]."""
-        b, t = input_ids.shape
-        if len(slots) == 1 or slots == list(range(slots[0], slots[0] + b)):
-            sel = slice(slots[0], slots[0] + b)  # contiguous slots: views, no gather
-        else:
-            sel = np.asarray(slots)
-        past_len = self._past_len[sel].copy()
-        past = max(1, int(past_len.max()))
-        feeds: dict[str, np.ndarray] = {
-            "input_ids": input_ids.astype(self._id_dtype[graph], copy=False),
-            "past_len": past_len.astype(self._len_dtype[graph], copy=False),
-        }
-        for s, buf in self._carried:
-            feeds[s.input] = np.ascontiguousarray(buf[sel])
-        for s, buf in self._cache:
-            feeds[s.input] = np.ascontiguousarray(buf[sel, :, :past])
-        out = self.backend.run(graph, feeds)
-        for s, buf in self._carried:
-            buf[sel] = out[s.output]
-        for s, buf in self._cache:
-            new = out[s.output]  # [B, KVH, T, D]
-            if new.shape[0] != b or new.shape[2] != t:
-                raise BackendError(f"{graph} graph returned {s.output!r} of shape {new.shape}, expected [{b}, KVH, {t}, D]")
-            if isinstance(sel, slice) and b == 1:
-                p = int(past_len[0])
-                buf[slots[0], :, p : p + t] = new[0]
-            else:
-                for j, slot in enumerate(slots):
-                    p = int(past_len[j])
-                    buf[slot, :, p : p + t] = new[j]
-        self._past_len[sel] = past_len + t
-        logits = out["logits"]
-        spec = self._prefill if graph == "prefill" else self._decode
-        if spec.logits == "all":
-            logits = logits[:, -1, :]
-        return np.asarray(logits, dtype=np.float32)
+        """One graph call for ``slots`` with ``input_ids`` [B, T]; returns the last position's
+        logits [B, V] and advances the slots' past_len by T."""
+        past_len = self._past_len[slots].copy()
+        logits = self.store.step(graph, slots, input_ids, past_len)
+        self._past_len[slots] = past_len + input_ids.shape[1]
+        return logits
+
+    def close(self) -> None:
+        """Free the state store's buffers (the backend stays open)."""
+        self.store.close()

@@ -1,4 +1,6 @@
-"""Backend registry. A backend runs the artifact's graphs: ``run(graph_name, feeds) -> dict``.
+"""Backend registry. A backend runs the artifact's graphs (``run(graph_name, feeds) -> dict``)
+and creates the state store a Session keeps its sequences in (``create_state``; a backend with
+nothing better returns ``qcn.runtime.state.HostStateStore(self, ...)``).
 
 The manifest's ``runtime.backend`` names the backend. Backends are registered by name with an
 import path and imported only when used, so a missing optional dependency of one backend does
@@ -13,6 +15,7 @@ from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 import numpy as np
 
 from ..errors import BackendError
+from ..state import StateStore
 
 __all__ = ["Backend", "register_backend", "available_backends", "get_backend_class", "create_backend"]
 
@@ -25,6 +28,10 @@ class Backend(Protocol):
 
     def run(self, graph_name: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run graph ``graph_name`` ("prefill" | "decode"); return every output by name."""
+        ...
+
+    def create_state(self, *, slots: int, max_context: int) -> StateStore:
+        """A state store for ``slots`` sequences of up to ``max_context`` tokens."""
         ...
 
     def close(self) -> None: ...

@@ -1,4 +1,14 @@
-"""ONNX Runtime backend: one InferenceSession per graph (prefill, decode)."""
+"""ONNX Runtime backend: one InferenceSession per graph (prefill, decode), one copy of the
+weights for both, and a state store bound with IOBinding (:mod:`.ort_state`).
+
+Weights: every external-data initializer is a view into one read-only memory map of its file
+(:class:`.onnx_weights.WeightMaps`), handed to each session with ``add_initializer``, so the
+prefill and decode sessions read the same pages. Two ORT passes would copy them per session and
+are switched off while sharing: constant folding (it materializes e.g. the MoE function body's
+``Transpose(experts)``; ORT's Transpose+MatMul fusion then reads the weight in place instead)
+and MLAS pre-packing. ``share_weights=False`` restores ORT's defaults (each session loads the
+file itself, folded and pre-packed: about one more weights copy) for comparison.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +24,8 @@ import onnxruntime as ort
 from ..errors import ArtifactError, BackendError
 from ...support import state_dtype_problems
 from ..manifest import Manifest, numpy_dtype
+from .onnx_weights import WeightMaps, external_initializers
+from .ort_state import OrtStateStore
 
 __all__ = ["OrtBackend"]
 
@@ -34,8 +46,9 @@ class OrtBackend:
     """Runs the artifact's graphs with onnxruntime.
 
     ``threads``: intra-op threads per session (None = onnxruntime's default, one per physical
-    core). ``providers``: execution providers (default CPU). The manifest's file hashes are
-    verified before the first session is created.
+    core). ``providers``: execution providers (default CPU). ``share_weights``: one memory-mapped
+    copy of the weights for all sessions (see the module docstring). The manifest's file hashes
+    are verified before the first session is created.
     """
 
     name = "onnxruntime"
@@ -48,6 +61,7 @@ class OrtBackend:
         *,
         providers: Sequence[str] | None = None,
         graphs: Sequence[str] = ("prefill", "decode"),
+        share_weights: bool = True,
     ):
         self.manifest = manifest
         self.artifact_dir = Path(artifact_dir) if artifact_dir is not None else manifest.artifact_dir
@@ -59,13 +73,7 @@ class OrtBackend:
             numpy_dtype(s.dtype, f"state {s.input!r}")
         manifest.verify_files()
 
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.inter_op_num_threads = 1
-        if threads is not None:
-            opts.intra_op_num_threads = threads
-        opts.log_severity_level = 3  # errors only; ORT warnings are noise for users
+        opts = self._options(threads)
         self._providers = list(providers) if providers else ["CPUExecutionProvider"]
         unknown = [p for p in self._providers if p not in ort.get_available_providers()]
         if unknown:
@@ -73,20 +81,52 @@ class OrtBackend:
                 f"onnxruntime execution provider(s) {unknown} not available; available: {ort.get_available_providers()}"
             )
 
+        self.share_weights = bool(share_weights)
+        self._weights = WeightMaps(self.artifact_dir) if self.share_weights else None
+        self._shared_values: dict[int, ort.OrtValue] = {}  # id(view) -> its OrtValue (one per tensor)
         self._sessions: dict[str, ort.InferenceSession] = {}
         self._outputs: dict[str, list[str]] = {}
         for gname in graphs:
             spec = manifest.graph(gname)
             path = self.artifact_dir / spec.file
             t0 = time.perf_counter()
+            kwargs = {}
+            gopts = opts
+            if self._weights is not None:
+                gopts = self._options(threads)
+                self._add_shared_weights(gopts, path)
+                gopts.add_session_config_entry("session.disable_prepacking", "1")
+                kwargs["disabled_optimizers"] = ["ConstantFolding"]
             try:
-                sess = ort.InferenceSession(str(path), sess_options=opts, providers=self._providers)
+                sess = ort.InferenceSession(str(path), sess_options=gopts, providers=self._providers, **kwargs)
             except Exception as e:  # onnxruntime raises its own exception types
                 raise ArtifactError(f"{path}: onnxruntime cannot load the {gname} graph: {e}") from None
             log.info("loaded %s graph %s in %.2fs", gname, path.name, time.perf_counter() - t0)
             self._check_io(gname, sess)
             self._sessions[gname] = sess
             self._outputs[gname] = [o.name for o in sess.get_outputs()]
+
+    @staticmethod
+    def _options(threads: int | None) -> ort.SessionOptions:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.inter_op_num_threads = 1
+        if threads is not None:
+            opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3  # errors only; ORT warnings are noise for users
+        return opts
+
+    def _add_shared_weights(self, opts: ort.SessionOptions, model_path: Path) -> None:
+        """Give the session every external initializer as an OrtValue over the shared map."""
+        for t in external_initializers(model_path):
+            view = self._weights.view(model_path, t)
+            if view is None:
+                continue  # a type numpy cannot hold: ONNX Runtime loads it from the file
+            value = self._shared_values.get(id(view))
+            if value is None:
+                value = self._shared_values[id(view)] = ort.OrtValue.ortvalue_from_numpy(view)
+            opts.add_initializer(t.name, value)
 
     def _check_io(self, gname: str, sess: ort.InferenceSession) -> None:
         spec = self.manifest.graph(gname)
@@ -110,10 +150,7 @@ class OrtBackend:
                 raise ArtifactError(f"{path}: {t.name!r} is {node.type} in the graph but {t.dtype} in the manifest")
 
     def run(self, graph_name: str, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        try:
-            sess = self._sessions[graph_name]
-        except KeyError:
-            raise BackendError(f"graph {graph_name!r} is not loaded; loaded: {', '.join(self._sessions)}") from None
+        sess = self._session(graph_name)
         names = list(outputs) if outputs is not None else self._outputs[graph_name]
         try:
             values = sess.run(names, dict(feeds))
@@ -122,8 +159,39 @@ class OrtBackend:
             raise BackendError(f"onnxruntime failed running the {graph_name} graph: {e} (feed shapes: {shapes})") from e
         return dict(zip(names, values))
 
+    # -- state ------------------------------------------------------------------------------
+    def create_state(self, *, slots: int, max_context: int) -> OrtStateStore:
+        """The state store a Session keeps its sequences in (IOBinding, no per-step cache copy)."""
+        return OrtStateStore(self, slots=slots, max_context=max_context)
+
+    def has_graph(self, graph_name: str) -> bool:
+        return graph_name in self._sessions
+
+    def output_names(self, graph_name: str) -> list[str]:
+        return list(self._outputs[graph_name])
+
+    def io_binding(self, graph_name: str) -> ort.IOBinding:
+        return self._session(graph_name).io_binding()
+
+    def run_binding(self, graph_name: str, binding: ort.IOBinding) -> None:
+        """Run ``graph_name`` on ``binding``'s inputs/outputs (the outputs are written in place)."""
+        sess = self._session(graph_name)
+        try:
+            sess.run_with_iobinding(binding)
+        except Exception as e:
+            raise BackendError(f"onnxruntime failed running the {graph_name} graph: {e}") from e
+
+    def _session(self, graph_name: str) -> ort.InferenceSession:
+        try:
+            return self._sessions[graph_name]
+        except KeyError:
+            raise BackendError(f"graph {graph_name!r} is not loaded; loaded: {', '.join(self._sessions)}") from None
+
     def close(self) -> None:
         self._sessions.clear()
+        self._shared_values.clear()
+        if self._weights is not None:
+            self._weights.close()
 
     def __repr__(self) -> str:
         return f"OrtBackend({str(self.artifact_dir)!r}, providers={self._providers})"

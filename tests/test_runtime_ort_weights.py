@@ -1,0 +1,68 @@
+"""The onnxruntime backend's shared weights: the protobuf reader agrees with onnx, both
+sessions get one memory-mapped copy, and sharing changes no result."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import runtime_fixture as rf  # noqa: E402
+
+from qcn.runtime.backends import create_backend  # noqa: E402
+from qcn.runtime.backends.onnx_weights import external_initializers  # noqa: E402
+from qcn.runtime.errors import ArtifactError  # noqa: E402
+from qcn.runtime.manifest import load_manifest  # noqa: E402
+from qcn.runtime.session import Session  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory):
+    return rf.write_fixture_artifact(tmp_path_factory.mktemp("ortw"))
+
+
+def test_reader_agrees_with_onnx(art):
+    for graph in ("prefill.onnx", "decode.onnx"):
+        ours = {t.name: t for t in external_initializers(art.path / graph)}
+        model = onnx.load(str(art.path / graph), load_external_data=False)
+        want = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+        assert want and sorted(ours) == sorted(t.name for t in want)
+        for t in want:
+            ext = {e.key: e.value for e in t.external_data}
+            o = ours[t.name]
+            assert (o.data_type, o.dims, o.location, o.offset, o.length) == (
+                t.data_type, tuple(t.dims), ext["location"], int(ext.get("offset", 0)), int(ext.get("length", -1)))
+
+
+def test_both_sessions_share_one_map(art):
+    be = create_backend(load_manifest(art.path))
+    names = set()
+    for graph in ("prefill.onnx", "decode.onnx"):
+        names |= {(t.location, t.offset) for t in external_initializers(art.path / graph)}
+    assert len(be._weights._maps) == 1  # weights.bin mapped once
+    assert len(be._weights._views) == len(be._shared_values) == len(names)  # one view + OrtValue per tensor
+    be.close()
+
+
+def test_sharing_changes_no_result(art):
+    out = {}
+    for share in (True, False):
+        be = create_backend(load_manifest(art.path), share_weights=share)
+        s = Session(be.manifest, be)
+        h = s.allocate()
+        logits = [s.prefill(h, [5, 6, 7, 8, 9])]
+        for t in (3, 4, 5):
+            logits.append(s.decode([h], [t])[0])
+        out[share] = np.stack(logits)
+        be.close()
+    np.testing.assert_allclose(out[True], out[False], atol=1e-5)
+    np.testing.assert_allclose(out[True][0], art.model.logits([5, 6, 7, 8, 9])[-1], atol=2e-4)
+
+
+def test_damaged_model_is_an_artifact_error(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x3a\xff\xff\xff\xff\x0f")  # field 7, length-delimited, length beyond the file
+    with pytest.raises(ArtifactError, match="bad.onnx"):
+        external_initializers(bad)
