@@ -55,3 +55,64 @@ def test_append_kv_refuses_positions_past_the_cache():
     cache = torch.zeros(SLOTS, KVH, CTX, D)
     with pytest.raises(RuntimeError):
         append_kv(cache, torch.ones(1, KVH, 5, D), 0, torch.tensor([CTX - 4]))
+
+
+# -- DeviceState's host-side bookkeeping, on CPU tensors (its device paths NEED A GPU) ----------
+
+
+class _CpuBackend:
+    """Just what DeviceState touches outside a graph call: manifest, torch, device, stream."""
+
+    class _Stream:
+        def synchronize(self):
+            pass
+
+    def __init__(self, manifest):
+        self.manifest, self.torch, self.device, self.stream = manifest, torch, torch.device("cpu"), self._Stream()
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import runtime_fixture as rf
+
+    from qcn.runtime.manifest import load_manifest
+
+    return load_manifest(rf.write_fixture_artifact(tmp_path_factory.mktemp("trt_state")).path)
+
+
+def test_device_state_write_read_reset_and_parity(manifest):
+    import numpy as np
+
+    from qcn.runtime.backends.tensorrt import DeviceState, buffer_sizes
+    from qcn.runtime.state import StateStore
+
+    ds = DeviceState(_CpuBackend(manifest), slots=3, max_context=20)
+    assert isinstance(ds, StateStore)
+    assert {k: v.numel() for k, v in ds.buffers.items()} == buffer_sizes(manifest, max_batch=3, max_context=20)
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for s in manifest.state:
+        shape = tuple(s.shape) if s.carried else (s.shape[0], 7, s.shape[2])
+        arrays[s.input] = rng.standard_normal(shape).astype(np.float32)
+    ds.write(1, arrays)
+    back = ds.read(1, 7)
+    for name, a in arrays.items():
+        np.testing.assert_array_equal(back[name], a, err_msg=name)
+    ds._parity[:] = [True, False, True]  # slots 0 and 2 hold their states in '.b', slot 1 in '.a'
+    assert ds._align([0, 1, 2]) is True  # the majority's copy; slot 1's states move there
+    assert ds._parity.tolist() == [True, True, True]
+    back = ds.read(1, 7)
+    for name, a in arrays.items():
+        np.testing.assert_array_equal(back[name], a, err_msg=name)
+    ds.reset(1)
+    after = ds.read(1, 7)
+    for s in manifest.state:
+        if s.carried:
+            assert not after[s.input].any(), s.input
+        else:  # KV needs no clearing: positions >= past_len are ignored
+            np.testing.assert_array_equal(after[s.input], arrays[s.input])
+    ds.close()
