@@ -28,6 +28,23 @@ metric is reported. The warm-up also runs transformers' ``generate()`` to check 
 produce the same greedy tokens (a sanity check; a mismatch is reported, not fatal).
 
 Run from the repository root:  python benchmarks/cpu_decode.py [--json OUT]
+
+``--context-scaling`` is a separate mode (no transformers): ms per decode step at
+``--contexts`` cached tokens (default 64 and 3500) for three ways of running the same artifact,
+measured interleaved in one run (one sequence each, rewound to the same cached length with
+Session.restore before every timed block of ``--steps`` steps; the median over ``--repeats``
+blocks):
+
+- ``host-copy``: the state in host buffers copied into every call's feeds (the runtime before
+  the ONNX Runtime state store: ``HostStateStore`` over a backend with ``share_weights=False``);
+- ``iobinding``: the onnxruntime backend's own store (IOBinding, no per-step cache copy) and
+  shared weights -- what ``qcn.runtime.load`` uses;
+- ``graph-only``: ``backend.run`` of the decode graph on prebuilt inputs of exactly the cached
+  length (no state handling at all): what the graph itself costs at that context.
+
+It also reports the peak RSS (VmHWM) of a fresh process that loads the artifact and runs one
+prefill and one decode step, with ``share_weights`` False (each ORT session loads the weights)
+and True (one memory map for both sessions).
 """
 
 from __future__ import annotations
@@ -87,6 +104,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="after the benchmark, profile one prefill chunk and one decode step with ONNX Runtime's "
                    "profiler and print the time per op type (separate sessions; not part of the numbers)")
     p.add_argument("--json", type=Path, metavar="OUT", help="write machine facts, settings and results to OUT")
+    p.add_argument("--context-scaling", action="store_true",
+                   help="instead of the transformers comparison: ms per decode step at --contexts cached tokens, "
+                   "host-copy vs iobinding vs graph-only, and peak RSS with and without shared weights")
+    p.add_argument("--contexts", type=int, nargs="+", default=[64, 3500], help="cached tokens (--context-scaling)")
+    p.add_argument("--steps", type=int, default=16, help="decode steps per timed block (--context-scaling)")
     a = p.parse_args(argv)
     for name in ("prompt_len", "new_tokens", "batch", "repeats", "threads"):
         if getattr(a, name) < 1:
@@ -191,17 +213,19 @@ def loadavg() -> list[float] | None:
 # qcn runtime
 
 
-class TimedBackend:
-    """Wraps the session's backend to add up the time spent inside ``backend.run``."""
+class TimedStore:
+    """Adds up the time spent in the session's state-store step (bind + ONNX Runtime run + K/V
+    append): everything of a step but the Session's checks, the argmax and Python's loop."""
 
-    def __init__(self, backend):
-        self._backend = backend
+    def __init__(self, store):
+        self._step = store.step
+        store.step = self.step
         self.seconds = 0.0
         self.calls = 0
 
-    def run(self, graph_name, feeds, outputs=None):
+    def step(self, *args):
         t0 = time.perf_counter()
-        out = self._backend.run(graph_name, feeds, outputs)
+        out = self._step(*args)
         self.seconds += time.perf_counter() - t0
         self.calls += 1
         return out
@@ -209,11 +233,8 @@ class TimedBackend:
     def reset(self):
         self.seconds, self.calls = 0.0, 0
 
-    def __getattr__(self, name):
-        return getattr(self._backend, name)
 
-
-def qcn_run(session, timed: TimedBackend, prompts: list[list[int]], new_tokens: int, eos: list[int]) -> dict:
+def qcn_run(session, timed: TimedStore, prompts: list[list[int]], new_tokens: int, eos: list[int]) -> dict:
     """Prefill every prompt into its own slot, then greedy-decode all slots together
     (EOS logits set to -inf before the argmax, as generate()'s min_new_tokens does)."""
 
@@ -306,22 +327,27 @@ def ort_profile(gen, prompt: list[int], threads: int, runs: int = 10) -> dict:
 
     import onnxruntime as ort
 
+    from qcn.runtime.session import Session
+    from qcn.runtime.state import HostStateStore
+
     captured: dict[str, dict] = {}
     real = gen.session.backend
 
-    class Capture:
+    class Capture:  # the feeds of one call of each graph, through the plain run() path
+        manifest = real.manifest
+
         def run(self, graph_name, feeds, outputs=None):
             captured[graph_name] = {k: np.array(v, copy=True) for k, v in feeds.items()}
             return real.run(graph_name, feeds, outputs)
 
-    gen.session.backend = Capture()
-    try:
-        slot = gen.session.allocate()
-        logits = gen.session.prefill(slot, prompt[: gen.session.prefill_chunk])
-        gen.session.decode([slot], [int(np.argmax(logits))])
-        gen.session.release(slot)
-    finally:
-        gen.session.backend = real
+        def create_state(self, *, slots, max_context):
+            return HostStateStore(self, slots=slots, max_context=max_context)
+
+    session = Session(gen.manifest, Capture())
+    h = session.allocate()
+    logits = session.prefill(h, prompt[: session.prefill_chunk])
+    session.decode([h], [int(np.argmax(logits))])
+    session.close()
     result = {}
     for graph, feeds in captured.items():
         opts = ort.SessionOptions()
@@ -423,8 +449,144 @@ def table(q: dict, h: dict) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------
+# --context-scaling
+
+
+_RSS_CHILD = """
+import json, sys
+import numpy as np
+from qcn.runtime.generate import load
+gen = load(sys.argv[1], threads=1, share_weights=sys.argv[2] == "1")
+s = gen.session
+h = s.allocate()
+logits = s.prefill(h, list(range(5, 69)))
+s.decode([h], [int(np.argmax(logits))])
+status = open("/proc/self/status").read()
+kb = lambda key: int(status.split(key + ":")[1].split()[0])
+print(json.dumps({"peak_rss_mb": kb("VmHWM") / 1024, "rss_mb": kb("VmRSS") / 1024,
+                  "rss_anon_mb": kb("RssAnon") / 1024, "rss_file_mb": kb("RssFile") / 1024}))
+"""
+
+
+def peak_rss(artifact: Path, share: bool) -> dict:
+    env = dict(os.environ)
+    out = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(artifact), "1" if share else "0"],
+                         capture_output=True, text=True, env=env, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def context_scaling(args, argv=None) -> int:
+    from qcn.runtime.backends import create_backend
+    from qcn.runtime.manifest import load_manifest
+    from qcn.runtime.session import Session
+    from qcn.runtime.state import HostStateStore
+
+    artifact = args.artifact
+    if not (artifact / "manifest.json").is_file():
+        print(f"error: {artifact} is not a compiled artifact (qcn-compile recipes/pico_cpu.yaml)", file=sys.stderr)
+        return 2
+    facts = machine_facts()
+    facts["loadavg_start"] = loadavg()
+    print(f"# {facts['date_utc']}  commit {facts['commit']}  CPU: {facts['cpu']}, {facts['usable_cpus']} usable; "
+          f"threads={args.threads}; loadavg {facts['loadavg_start']}", flush=True)
+    manifest = load_manifest(artifact)
+    if max(args.contexts) + args.steps > manifest.model.max_context:
+        print(f"error: --contexts + --steps exceed max_context {manifest.model.max_context}", file=sys.stderr)
+        return 2
+
+    class HostCopy:  # the backend run() path with the state copied into the feeds
+        def __init__(self, backend):
+            self.backend, self.manifest = backend, backend.manifest
+
+        def run(self, graph, feeds, outputs=None):
+            return self.backend.run(graph, feeds, outputs)
+
+        def create_state(self, *, slots, max_context):
+            return HostStateStore(self, slots=slots, max_context=max_context)
+
+    old_be = create_backend(manifest, threads=args.threads, share_weights=False)
+    new_be = create_backend(manifest, threads=args.threads)
+    sessions = {"host-copy": Session(manifest, HostCopy(old_be)), "iobinding": Session(manifest, new_be)}
+    rng = np.random.default_rng(args.seed)
+    high = min([manifest.model.vocab_size, *manifest.tokenizer.eos_token_ids])
+    prompt = rng.integers(0, high, size=max(args.contexts)).tolist()
+    snaps, graph_feeds = {}, {}
+    for name, sess in sessions.items():
+        for ctx in args.contexts:
+            h = sess.allocate()
+            t0 = time.perf_counter()
+            sess.prefill(h, prompt[:ctx])
+            snaps[name, ctx] = sess.snapshot(h)
+            sess.release(h)
+            print(f"# {name}: prefilled {ctx} tokens in {time.perf_counter() - t0:.1f}s", flush=True)
+    dec = manifest.graph("decode")
+    for ctx in args.contexts:  # graph-only: the decode graph's inputs prebuilt at exactly ctx cached tokens
+        arrays = snaps["iobinding", ctx].arrays
+        feeds = {"input_ids": np.array([[int(prompt[0])]], dtype=np.int64), "past_len": np.array([ctx], dtype=np.int64)}
+        for st in manifest.state:
+            feeds[st.input] = np.ascontiguousarray(arrays[st.input][None])
+        graph_feeds[ctx] = {k: v for k, v in feeds.items() if k in dec.input_names}
+
+    def timed_block(kind: str, ctx: int) -> tuple[float, float]:
+        """(wall ms, process CPU ms) per step over one block of --steps steps."""
+        if kind == "graph-only":
+            t0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(args.steps):
+                new_be.run("decode", graph_feeds[ctx])
+        else:
+            sess = sessions[kind]
+            h = sess.restore(snaps[kind, ctx])
+            tok = int(prompt[0])
+            t0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(args.steps):
+                tok = int(np.argmax(sess.decode([h], [tok])[0]))
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        if kind != "graph-only":
+            sess.release(h)
+        return wall / args.steps * 1e3, cpu / args.steps * 1e3
+
+    kinds = ("host-copy", "iobinding", "graph-only")
+    cells = [(k, c) for k in kinds for c in args.contexts]
+    for cell in cells:  # warm-up
+        timed_block(*cell)
+    results: dict = {cell: [] for cell in cells}
+    for r in range(args.repeats):
+        order = cells[r % len(cells):] + cells[: r % len(cells)]  # rotate the order every repeat
+        for cell in order:
+            results[cell].append(timed_block(*cell))
+    facts["loadavg_end"] = loadavg()
+    lo, hi = min(args.contexts), max(args.contexts)
+    for i, what in enumerate(("wall", "process CPU")):
+        med = {cell: median([x[i] for x in v]) for cell, v in results.items()}
+        print()
+        print(f"| decode {what} ms/step (median of {args.repeats} x {args.steps} steps, threads={args.threads}) | "
+              + " | ".join(f"{c} cached" for c in args.contexts) + f" | {hi} / {lo} |")
+        print("|---|" + "---:|" * (len(args.contexts) + 1))
+        for k in kinds:
+            print(f"| {k} | " + " | ".join(f"{med[k, c]:.2f}" for c in args.contexts) + f" | {med[k, hi] / med[k, lo]:.2f}x |")
+    rss = {"share_weights=False": peak_rss(artifact, False), "share_weights=True": peak_rss(artifact, True)}
+    weights_mb = sum(f.stat().st_size for f in artifact.glob("*.bin")) / 2**20
+    print(f"\n| loaded {artifact.name} (prefill 64 + 1 decode step), MB | peak RSS | RSS anon | RSS file |\n|---|---:|---:|---:|")
+    for k, v in rss.items():
+        print(f"| {k} | {v['peak_rss_mb']:.0f} | {v['rss_anon_mb']:.0f} | {v['rss_file_mb']:.0f} |")
+    print(f"weights files: {weights_mb:.0f} MB; loadavg start {facts['loadavg_start']} end {facts['loadavg_end']}")
+    if args.json:
+        doc = {"benchmark": "cpu_decode --context-scaling", "machine": facts,
+               "command": " ".join(["python", "benchmarks/cpu_decode.py", *(sys.argv[1:] if argv is None else argv)]),
+               "ms_per_step_wall_cpu": {f"{k}@{c}": v for (k, c), v in results.items()}, "rss": rss, "weights_mb": weights_mb}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+    for be in (old_be, new_be):
+        be.close()
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.context_scaling:
+        logging.basicConfig(level=logging.WARNING)
+        return context_scaling(args, argv)
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
     t_start = time.perf_counter()
@@ -463,8 +625,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     gen = load(artifact, threads=args.threads)
     session = gen.session
-    timed = TimedBackend(session.backend)
-    session.backend = timed
+    timed = TimedStore(session.store)
     qcn_load_s = time.perf_counter() - t0
     if args.batch > session.max_batch:
         print(f"error: --batch {args.batch} exceeds the artifact's max_batch {session.max_batch}", file=sys.stderr)
@@ -531,8 +692,9 @@ def main(argv=None) -> int:
     print(table(q, h))
     print()
     qd, qb = q["decode_ms_per_step"], q["decode_backend_ms_per_step"]
-    print(f"qcn decode step {qd:.2f} ms = ONNX Runtime run {qb:.2f} ms ({100 * qb / qd:.0f}%) + Session/numpy/argmax "
-          f"{qd - qb:.2f} ms; qcn prefill {q['prefill_ms']:.1f} ms of which ORT {q['prefill_backend_ms']:.1f} ms")
+    print(f"qcn decode step {qd:.2f} ms = state-store step (bind + ONNX Runtime run + K/V append) {qb:.2f} ms "
+          f"({100 * qb / qd:.0f}%) + Session/numpy/argmax {qd - qb:.2f} ms; qcn prefill {q['prefill_ms']:.1f} ms of which "
+          f"store steps {q['prefill_backend_ms']:.1f} ms")
     if args.repeats > 1:
         print(f"best of {args.repeats} (least disturbed) instead of median: prefill {q['best_prefill_tok_s']:.1f} vs "
               f"{h['best_prefill_tok_s']:.1f} tokens/s ({q['best_prefill_tok_s'] / h['best_prefill_tok_s']:.2f}x), decode "

@@ -14,7 +14,7 @@ Buffers (allocated once, except the KV caches' position axis, see *capacity*):
 
 *capacity* is the bound window: the graph's attention work is proportional to it, so it
 follows the longest sequence in the store instead of being ``max_context`` from the start. It
-grows geometrically (x1.5, multiples of 64, at most max_context) when a call needs more: the
+grows geometrically (x1.25, multiples of 64, at most max_context) when a call needs more: the
 rare step that grows it copies every slot's prefix once, O(context) amortized to O(1) per
 token. When the longest sequence is reset or released it shrinks back (same copy).
 
@@ -38,7 +38,7 @@ from ..manifest import numpy_dtype
 __all__ = ["OrtStateStore"]
 
 _GRANULE = 64
-_GROWTH = 1.5
+_GROWTH = 1.25
 
 
 class OrtStateStore:
@@ -50,29 +50,36 @@ class OrtStateStore:
         self.max_context = max_context
         self._l = lay = _Layout(backend.manifest)
         m = backend.manifest
-        chunk = m.runtime.prefill_chunk
         self._carried = {s.input: np.zeros((slots, *s.shape), dtype=lay.dtype[s.input]) for s in lay.carried}
         self._carried_out = {s.input: np.empty((slots, *s.shape), dtype=lay.dtype[s.input]) for s in lay.carried}
         self.capacity = self._floor = self._round(min(max_context, initial_capacity))
         self._cache: dict[str, np.ndarray] = {}
-        self._new: dict[str, np.ndarray] = {}
         for s in lay.cache:
             kvh, _, d = s.shape
             self._cache[s.input] = np.zeros((slots, kvh, self.capacity, d), dtype=lay.dtype[s.input])
-            self._new[s.input] = np.empty(slots * kvh * chunk * d, dtype=lay.dtype[s.input])
         self._extent = np.zeros(slots, dtype=np.int64)  # positions of each slot's cache that hold K/V
-        vocab = m.model.vocab_size
-        self._logits = {}
-        self._ids = {}
-        self._lens = {}
         self._io = {}
-        for g, spec in lay.graphs.items():
-            per_row = vocab * (chunk if spec.logits == "all" else 1)
-            self._logits[g] = np.empty(slots * per_row, dtype=numpy_dtype(spec.output("logits").dtype))
-            self._ids[g] = np.empty(slots * chunk, dtype=numpy_dtype(spec.input("input_ids").dtype))
-            self._lens[g] = np.empty(slots, dtype=numpy_dtype(spec.input("past_len").dtype))
+        self._bound: dict[str, tuple] = {}  # graph -> what its IOBinding holds (rebinding costs ~35 Python calls)
         self._extra_outputs = {g: [n for n in backend.output_names(g) if n not in spec.output_names]
                                for g, spec in lay.graphs.items() if backend.has_graph(g)}
+        self._staging(m.runtime.prefill_chunk)
+
+    def _staging(self, tokens: int) -> None:
+        """(Re)allocate the per-call buffers for calls of up to ``tokens`` tokens per sequence
+        (runtime.prefill_chunk unless a caller raises Session.prefill_chunk)."""
+        lay, m, slots = self._l, self.backend.manifest, self.slots
+        self._chunk = tokens
+        self._bound = {}
+        self._new = {}
+        for s in lay.cache:
+            kvh, _, d = s.shape
+            self._new[s.input] = np.empty(slots * kvh * tokens * d, dtype=lay.dtype[s.input])
+        self._logits, self._ids, self._lens = {}, {}, {}
+        for g, spec in lay.graphs.items():
+            per_row = m.model.vocab_size * (tokens if spec.logits == "all" else 1)
+            self._logits[g] = np.empty(slots * per_row, dtype=numpy_dtype(spec.output("logits").dtype))
+            self._ids[g] = np.empty(slots * tokens, dtype=numpy_dtype(spec.input("input_ids").dtype))
+            self._lens[g] = np.empty(slots, dtype=numpy_dtype(spec.input("past_len").dtype))
 
     # -- capacity --------------------------------------------------------------------------
     def _round(self, n: int) -> int:
@@ -85,6 +92,7 @@ class OrtStateStore:
             new[:, :, :keep] = old[:, :, :keep]
             self._cache[name] = new
         self.capacity = capacity
+        self._bound.clear()
 
     def _fit(self, need: int) -> None:
         if need > self.capacity:
@@ -123,34 +131,41 @@ class OrtStateStore:
     def _call(self, graph: str, s0: int, span: int, ids: np.ndarray, lens: np.ndarray, rows: list[int]) -> np.ndarray:
         t = ids.shape[1]
         be, lay = self.backend, self._l
+        if t > self._chunk:
+            self._staging(t)
         io = self._io.get(graph)
         if io is None:
             io = self._io[graph] = be.io_binding(graph)
-        io.clear_binding_inputs()
-        io.clear_binding_outputs()
         sl = slice(s0, s0 + span)
         ids_buf = self._ids[graph][: span * t].reshape(span, t)
         ids_buf[...] = ids
         lens_buf = self._lens[graph][:span]
         lens_buf[...] = lens
-        _bind(io.bind_input, "input_ids", ids_buf)
-        _bind(io.bind_input, "past_len", lens_buf)
-        for s in lay.carried:
-            _bind(io.bind_input, s.input, self._carried[s.input][sl])
-            _bind(io.bind_output, s.output, self._carried_out[s.input][:span])
         new_views = {}
         for s in lay.cache:
             kvh, _, d = s.shape
-            _bind(io.bind_input, s.input, self._cache[s.input][sl])
             new_views[s.input] = self._new[s.input][: span * kvh * t * d].reshape(span, kvh, t, d)
-            _bind(io.bind_output, s.output, new_views[s.input])
         spec = lay.graphs[graph]
         vocab = be.manifest.model.vocab_size
         lg_shape = (span, t, vocab) if spec.logits == "all" else (span, vocab)
         lg = self._logits[graph][: math.prod(lg_shape)].reshape(lg_shape)
-        _bind(io.bind_output, "logits", lg)
-        for name in self._extra_outputs.get(graph, ()):
-            io.bind_output(name, "cpu")
+        # the same slots, tokens and buffers as this graph's last call: its bindings still hold
+        key = (s0, span, t)  # resizing or new staging buffers forget every binding
+        if self._bound.get(graph) != key:
+            io.clear_binding_inputs()
+            io.clear_binding_outputs()
+            _bind(io.bind_input, "input_ids", ids_buf)
+            _bind(io.bind_input, "past_len", lens_buf)
+            for s in lay.carried:
+                _bind(io.bind_input, s.input, self._carried[s.input][sl])
+                _bind(io.bind_output, s.output, self._carried_out[s.input][:span])
+            for s in lay.cache:
+                _bind(io.bind_input, s.input, self._cache[s.input][sl])
+                _bind(io.bind_output, s.output, new_views[s.input])
+            _bind(io.bind_output, "logits", lg)
+            for name in self._extra_outputs.get(graph, ()):
+                io.bind_output(name, "cpu")
+            self._bound[graph] = key
         be.run_binding(graph, io)
         # write back only the called rows: uninvolved slots of a covering call keep their state
         for s in lay.carried:
@@ -180,6 +195,7 @@ class OrtStateStore:
 
     def close(self) -> None:
         self._io.clear()
+        self._bound.clear()
         self._carried.clear()
         self._carried_out.clear()
         self._cache.clear()
