@@ -385,12 +385,6 @@ def test_non_streaming_disconnect_cancels(small, slow):
 
 
 # -- exact multi-turn state reuse ------------------------------------------------------------
-from qcn.runtime.session import Session  # noqa: E402
-
-# Session.snapshot/restore come with the backend-owned state of the contract issue (#9); until
-# that lands on main the server runs without state reuse and these two tests cannot run.
-needs_snapshots = pytest.mark.skipif(not hasattr(Session, "snapshot"), reason="Session.snapshot/restore not on this branch yet (#9 backend-owned state)")
-
 @pytest.fixture(scope="module")
 def reuse(artifact):
     s = LiveServer(Server(ServeConfig(artifact, threads=1, model_name="pico", prefix_cache_bytes=64 << 20)))
@@ -417,7 +411,6 @@ def _chat(s, turns, max_tokens=24):
     return out
 
 
-@needs_snapshots
 def test_multi_turn_reuse_gives_the_same_replies_and_prefills_less(live, reuse):
     assert _health(reuse)["kept_states"] == 0
     plain, reused = _chat(live, TURNS), _chat(reuse, TURNS)
@@ -432,7 +425,6 @@ def test_multi_turn_reuse_gives_the_same_replies_and_prefills_less(live, reuse):
     assert _health(reuse)["kept_states"] > 0
 
 
-@needs_snapshots
 def test_restored_prefill_is_bit_identical_to_prefilling_from_scratch(artifact):
     """Through the scheduler itself: the logits at the end of turn 2's prompt, restored from
     turn 1's kept state, equal bit for bit those of a scheduler without reuse."""

@@ -54,7 +54,7 @@ class Server:
         self.session = self.generator.session
         self.template = ChatTemplate.from_artifact(self.manifest.artifact_dir)
         self.metrics = Metrics()
-        self.prefix_cache = PrefixCache(config.prefix_cache_bytes) if config.prefix_cache_bytes > 0 and PrefixCache.supported(self.session) else None
+        self.prefix_cache = PrefixCache(config.prefix_cache_bytes) if config.prefix_cache_bytes > 0 else None
         self.scheduler = Scheduler(self.session, self.tokenizer, queue_size=config.queue_size, metrics=self.metrics, prefix_cache=self.prefix_cache)
         self.model_name = config.served_name
         self.created = int(time.time())

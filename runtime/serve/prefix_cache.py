@@ -32,11 +32,6 @@ class PrefixCache:
         self.hits = 0
         self.misses = 0
 
-    @staticmethod
-    def supported(session) -> bool:
-        """Whether ``session`` can snapshot and restore sequence state."""
-        return callable(getattr(type(session), "snapshot", None)) and callable(getattr(type(session), "restore", None))
-
     def __len__(self) -> int:
         return len(self._entries)
 
