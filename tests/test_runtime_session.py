@@ -349,3 +349,24 @@ def test_far_apart_slots_run_as_separate_views(tmp_path):
     np.testing.assert_allclose(out[0], art8.model.logits(a + [9])[-1], atol=ATOL)
     np.testing.assert_allclose(out[1], art8.model.logits(b + [10])[-1], atol=ATOL)
     be.close()
+
+
+def test_ort_store_binds_the_cache_in_place(art, backend, monkeypatch):
+    """The KV inputs ORT reads are the store's own buffers (bound by address, no copy), and a
+    decode step writes only the new token's K/V into them."""
+    from qcn.runtime.backends import ort_state
+
+    bound = {}
+    real_bind = ort_state._bind
+    monkeypatch.setattr(ort_state, "_bind", lambda f, name, a: (bound.__setitem__(name, a.ctypes.data), real_bind(f, name, a))[1])
+    s = new_session(art, backend)
+    hs = [s.allocate() for _ in range(3)]
+    for h in hs:
+        s.prefill(h, prompt(80 + h.slot, 6, art.vocab_size))
+    before = {name: buf.copy() for name, buf in s.store._cache.items()}
+    bound.clear()
+    s.decode(hs[1:], [3, 4])  # slots 1 and 2
+    for name, buf in s.store._cache.items():
+        assert bound[name] == buf[1:].ctypes.data, name  # a view of the store's buffer
+        changed = np.argwhere((buf != before[name]).any(axis=(1, 3)))  # (slot, position) pairs written
+        assert sorted(map(tuple, changed.tolist())) == [(1, 6), (2, 6)], name
