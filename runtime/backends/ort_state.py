@@ -16,7 +16,9 @@ Buffers (allocated once, except the KV caches' position axis, see *capacity*):
 follows the longest sequence in the store instead of being ``max_context`` from the start. It
 grows geometrically (x1.25, multiples of 64, at most max_context) when a call needs more: the
 rare step that grows it copies every slot's prefix once, O(context) amortized to O(1) per
-token. When the longest sequence is reset or released it shrinks back (same copy).
+token. When the longest sequence is reset or released it shrinks back (same copy). The
+window's length does not enter the results beyond float rounding; on qcn-pico a restored
+sequence continued bit-identically at windows of 256 and 4096 (tests check equal windows).
 
 Calls whose slots are not consecutive: if the slots' span is at most twice their number, one
 call covers the span (the rows of uninvolved slots run with past_len 0 and their outputs are
