@@ -135,12 +135,14 @@ def test_runtime_only_install_runs_pico(wheel, pico_artifact, tmp_path, capsys):
         assert len(ours.strip()) > 10
         assert r.stdout == ours, (extra, r.stdout, ours)
 
-    # the compile commands exist in a runtime-only install, and say which extra they need
-    for cmd in (["qcn-compile", str(REPO / "recipes" / "pico_cpu.yaml"), "--out", str(tmp_path / "out")],
-                ["qcn-tiny-checkpoint", str(tmp_path / "ckpt")]):
-        r = subprocess.run([str(bindir / cmd[0]), *cmd[1:]], capture_output=True, text=True, env=env, cwd=tmp_path)
+    # the other commands exist in a runtime-only install, and say which extra they need
+    for extra, cmd in (("compile", ["qcn-compile", str(REPO / "recipes" / "pico_cpu.yaml"), "--out", str(tmp_path / "out")]),
+                       ("compile", ["qcn-tiny-checkpoint", str(tmp_path / "ckpt")]),
+                       ("serve", ["qcn-serve", str(pico_artifact), "--port", "0"])):
+        r = subprocess.run([str(bindir / cmd[0]), *cmd[1:]], capture_output=True, text=True, env=env, cwd=tmp_path,
+                           timeout=120)
         assert r.returncode == 2 and r.stdout == "", (cmd, r.stdout, r.stderr)
-        assert r.stderr.count("\n") == 1 and "'compile' extra" in r.stderr and "qcn[compile]" in r.stderr, r.stderr
+        assert r.stderr.count("\n") == 1 and f"'{extra}' extra" in r.stderr and f"qcn[{extra}]" in r.stderr, r.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "ckpt").exists()
 
 
