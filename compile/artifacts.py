@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -31,32 +30,19 @@ import threading
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from qcn.artifact import FORMAT as ARTIFACT_FORMAT  # manifest.json "format" of every directory qcn-compile writes
+from qcn.artifact.hashing import sha256_file, sha256_json  # noqa: F401  (re-exported; qcn.artifact has the one copy)
+
 from ..errors import QcnError
 
 log = logging.getLogger(__name__)
 
-ARTIFACT_FORMAT = "qcn-artifact"  # manifest.json "format" of every directory qcn-compile writes
 TMP_PREFIX, OLD_PREFIX, LOCK_PREFIX = ".qcn-tmp-", ".qcn-old-", ".qcn-lock-"
 _SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
 class OutputError(QcnError):
     """The output path cannot be written, or holds something qcn will not replace."""
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22, progress=None) -> str:
-    """sha256 of a file's bytes; `progress` (a tqdm bar) is advanced by the bytes read."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-            if progress is not None:
-                progress.update(len(block))
-    return h.hexdigest()
-
-
-def sha256_json(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------

@@ -20,7 +20,11 @@ from pathlib import Path
 
 import onnx
 
-from .artifacts import HashCache, atomic_dir, default_cache_path, sha256_file, sha256_json
+from qcn.artifact import (FORMAT, FORMAT_VERSION, STAGES, ArtifactError, CheckpointInfo, GenerationDefaults, GraphSpec,
+                          Manifest, ModelSpec, RuntimeSpec, StateSpec, TensorSpec, TokenizerSpec, from_onnx, hash_files,
+                          read_manifest, sha256_file, sha256_json, write_manifest)
+
+from .artifacts import HashCache, atomic_dir, default_cache_path
 from .export.checkpoint import open_checkpoint
 from .export.config import CheckpointError, ModelConfig, load_model_config
 from .export.modeling import rope_tables
@@ -29,11 +33,8 @@ from .recipe import Recipe, RecipeError
 
 log = logging.getLogger(__name__)
 
-FORMAT, FORMAT_VERSION = "qcn-artifact", 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "vocab.json", "merges.txt")
 CARD_SAMPLING = {"temperature": 1.0, "top_p": 0.95, "top_k": 40}  # Qwen3-Coder-Next model card
-_ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
-                onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.INT64: "int64"}
 
 
 def _version(pkg: str) -> str | None:
@@ -43,16 +44,16 @@ def _version(pkg: str) -> str | None:
         return None
 
 
-def _io(values) -> list[dict]:
+def _io(values) -> tuple[TensorSpec, ...]:
     out = []
     for v in values:
         t = v.type.tensor_type
-        dims = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
-        out.append({"name": v.name, "dtype": _ONNX_DTYPES.get(t.elem_type, str(t.elem_type)), "shape": dims})
-    return out
+        dims = tuple(d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim)
+        out.append(TensorSpec(name=v.name, dtype=from_onnx(t.elem_type), shape=dims))
+    return tuple(out)
 
 
-def tokenizer_section(ckpt_dir: Path, cfg: ModelConfig) -> tuple[dict, dict]:
+def tokenizer_section(ckpt_dir: Path, cfg: ModelConfig) -> tuple[TokenizerSpec, dict]:
     """The manifest's tokenizer section (and generation_config.json) of a checkpoint."""
     ckpt_dir = Path(ckpt_dir)
     files = [f for f in TOKENIZER_FILES if (ckpt_dir / f).is_file()]
@@ -66,19 +67,19 @@ def tokenizer_section(ckpt_dir: Path, cfg: ModelConfig) -> tuple[dict, dict]:
     eos = list(cfg.eos_token_id) if eos is None else [eos] if isinstance(eos, int) else list(eos)
     tok_cfg = json.loads((ckpt_dir / "tokenizer_config.json").read_text()) if "tokenizer_config.json" in files else {}
     added = json.loads((ckpt_dir / "tokenizer.json").read_text()).get("added_tokens", [])
-    section = {"files": files, "eos_token_ids": eos, "bos_token_id": cfg.bos_token_id,
-               "pad_token_id": gen.get("pad_token_id", cfg.pad_token_id),
-               "chat_template": bool(tok_cfg.get("chat_template")),
-               "special_tokens": {t["content"]: t["id"] for t in added if t.get("special")}}
+    section = TokenizerSpec(files=tuple(files), eos_token_ids=tuple(eos), bos_token_id=cfg.bos_token_id,
+                            pad_token_id=gen.get("pad_token_id", cfg.pad_token_id),
+                            chat_template=bool(tok_cfg.get("chat_template")),
+                            special_tokens={t["content"]: t["id"] for t in added if t.get("special")})
     return section, gen
 
 
-def _generation(recipe: Recipe, gen_config: dict) -> dict:
+def _generation(recipe: Recipe, gen_config: dict) -> GenerationDefaults:
     out = {}
     for key, card in CARD_SAMPLING.items():
         value = getattr(recipe.generation, key)
         out[key] = value if value is not None else gen_config.get(key, card)
-    return out
+    return GenerationDefaults(**out)
 
 
 def check_recipe_against_model(recipe: Recipe, cfg: ModelConfig) -> None:
@@ -116,38 +117,37 @@ def compile_recipe(recipe: Recipe, *, progress: bool = False, out: Path | None =
         written = tmp
         paths = export_graphs(cfg, checkpoint, rope, tmp, activation_dtype=act, logits=recipe.export.logits,
                               opset=recipe.export.opset, progress=progress)
-        for f in tokenizer["files"]:
+        for f in tokenizer.files:
             shutil.copyfile(ckpt_dir / f, tmp / f)
         graphs = {}
         for name in GRAPHS:
             proto = onnx.load(str(paths[name]), load_external_data=False)
-            graphs[name] = {"file": paths[name].name, "logits": recipe.export.logits,
-                            "inputs": _io(proto.graph.input), "outputs": _io(proto.graph.output)}
+            graphs[name] = GraphSpec(file=paths[name].name, logits=recipe.export.logits,
+                                     inputs=_io(proto.graph.input), outputs=_io(proto.graph.output))
         recipe_dict = recipe.to_dict()
-        manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "stage": "export",
-            "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "qcn_version": _version("qcn"),
-            "tools": {p: _version(p) for p in ("torch", "onnx", "onnxscript", "onnx-ir", "transformers")},
-            "recipe": recipe_dict, "recipe_sha256": sha256_json(recipe_dict),
-            "checkpoint": {"path": str(ckpt_dir.resolve()), "config_sha256": sha256_file(ckpt_dir / "config.json"),
-                           "files_sha256": ckpt_files, "mtp_tensors": list(checkpoint.mtp_names)},
-            "model": {"architecture": "Qwen3NextForCausalLM", "vocab_size": cfg.vocab_size,
-                      "hidden_size": cfg.hidden_size, "num_layers": cfg.num_hidden_layers,
-                      "layer_types": list(cfg.layer_types), "activation_dtype": act,
-                      "max_context": recipe.runtime.max_context},
-            "tokenizer": tokenizer,
-            "generation": _generation(recipe, gen_config),
-            "runtime": {"backend": recipe.runtime.backend, "prefill_chunk": recipe.runtime.prefill_chunk,
-                        "max_batch": recipe.runtime.max_batch},
-            "graphs": graphs,
-            "state": [{"layer": s.layer, "kind": s.kind, "input": s.input, "output": s.output,
-                       "shape": list(s.shape), "dtype": s.dtype} for s in state_layout(cfg, act)],
-            "files": {p.name: cache.sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()},
-        }
-        if inputs_sha256:
-            manifest["inputs_sha256"] = inputs_sha256
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        manifest = Manifest(
+            format=FORMAT, format_version=FORMAT_VERSION, stage="export",
+            created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            qcn_version=_version("qcn"),
+            tools={p: _version(p) for p in ("torch", "onnx", "onnxscript", "onnx-ir", "transformers")},
+            recipe=recipe_dict, recipe_sha256=sha256_json(recipe_dict),
+            checkpoint=CheckpointInfo(path=str(ckpt_dir.resolve()), config_sha256=sha256_file(ckpt_dir / "config.json"),
+                                      files_sha256=ckpt_files, mtp_tensors=tuple(checkpoint.mtp_names)),
+            model=ModelSpec(architecture="Qwen3NextForCausalLM", vocab_size=cfg.vocab_size,
+                            hidden_size=cfg.hidden_size, num_layers=cfg.num_hidden_layers,
+                            layer_types=tuple(cfg.layer_types), activation_dtype=act,
+                            max_context=recipe.runtime.max_context),
+            tokenizer=tokenizer,
+            generation=_generation(recipe, gen_config),
+            runtime=RuntimeSpec(backend=recipe.runtime.backend, prefill_chunk=recipe.runtime.prefill_chunk,
+                                max_batch=recipe.runtime.max_batch),
+            graphs=graphs,
+            state=tuple(StateSpec(layer=s.layer, kind=s.kind, input=s.input, output=s.output, shape=tuple(s.shape),
+                                  dtype=s.dtype) for s in state_layout(cfg, act)),
+            files=hash_files(tmp, hasher=cache.sha256),
+            inputs_sha256=inputs_sha256,
+        )
+        write_manifest(tmp, manifest)
     cache.moved(written, out)  # the files keep their inodes and times: the next no-op compile reads nothing
     if hash_cache is None:
         cache.save()
@@ -158,7 +158,6 @@ def compile_recipe(recipe: Recipe, *, progress: bool = False, out: Path | None =
 # ---------------------------------------------------------------------------------------
 # stages
 
-STAGES = ("export", "passes", "build")
 PASSES: tuple[str, ...] = ()  # graph passes run by the passes stage (none exist yet)
 
 
@@ -224,20 +223,23 @@ def export_inputs(recipe: Recipe, cache: HashCache | None = None, *, progress: b
                         "tools": {p: _version(p) for p in ("torch", "onnx", "onnxscript")}})
 
 
-def _manifest(d: Path) -> dict | None:
+def _manifest(d: Path) -> Manifest | None:
+    """The stage directory's manifest, or None where there is none this qcn can read."""
     try:
-        return json.loads((Path(d) / "manifest.json").read_text())
-    except (OSError, ValueError):
+        return read_manifest(d, verify_hashes=False)
+    except ArtifactError as e:
+        if Path(d).exists():
+            log.info("%s: %s", d, e)
         return None
 
 
 def up_to_date(d: Path, inputs_sha256: str, cache: HashCache | None = None) -> bool:
     """The stage directory exists, was made from these inputs and its files are unchanged."""
     m = _manifest(d)
-    if not m or m.get("inputs_sha256") != inputs_sha256:
+    if not m or m.inputs_sha256 != inputs_sha256:
         return False
     cache = cache if cache is not None else HashCache()
-    for rel, digest in m.get("files", {}).items():
+    for rel, digest in m.files.items():
         p = Path(d) / rel
         if not p.is_file() or cache.sha256(p) != digest:
             log.warning("%s: %s changed since it was written; redoing the stage", d, rel)
@@ -247,15 +249,14 @@ def up_to_date(d: Path, inputs_sha256: str, cache: HashCache | None = None) -> b
 
 def passes_stage(recipe: Recipe, export_dir: Path, out: Path, inputs_sha256: str, *, force: bool = False) -> Path:
     """Runs PASSES (none yet) over the export directory: today its files are linked as they are."""
-    src = _manifest(export_dir)
+    src = read_manifest(export_dir, verify_hashes=False)
     with atomic_dir(out, force=force, protect=[recipe.checkpoint]) as tmp:
-        for rel in src["files"]:
+        for rel in src.files:
             try:
                 os.link(Path(export_dir) / rel, tmp / rel)
             except OSError:
                 shutil.copyfile(Path(export_dir) / rel, tmp / rel)
-        m = dict(src, stage="passes", passes=list(PASSES), inputs_sha256=inputs_sha256)
-        (tmp / "manifest.json").write_text(json.dumps(m, indent=2) + "\n")
+        write_manifest(tmp, dataclasses.replace(src, stage="passes", passes=PASSES, inputs_sha256=inputs_sha256))
     return out
 
 
@@ -302,7 +303,7 @@ def _run_stages(recipe, dirs, until, force, progress, report, cache) -> Pipeline
             extra = {"passes": list(PASSES), "quantization": dataclasses.asdict(recipe.quantization)} if stage == "passes" \
                 else {"recipe": {k: v for k, v in recipe.to_dict().items() if k not in ("source", "output", "checkpoint")},
                       "module_version": report.module_version}
-            key = sha256_json({"input_files": m["files"] if m else None, **extra})
+            key = sha256_json({"input_files": dict(m.files) if m else None, **extra})
         if not force and up_to_date(dirs[stage], key, cache):
             log.info("stage %s: up to date (%s)", stage, dirs[stage])
             skipped.append(stage)

@@ -15,10 +15,11 @@ from typing import Any
 
 import yaml
 
+from qcn.artifact import LOGITS_MODES  # the one definition (recipe key export.logits)
+
 from ..errors import QcnError
 
 ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
-LOGITS_MODES = ("last", "all")
 OPSETS = (23,)
 WEIGHT_PRECISIONS = ("none", "fp8", "int4", "fp4")  # "none": stored in the activation dtype
 KV_PRECISIONS = ("activation", "fp8")  # "activation": the KV cache has the activation dtype

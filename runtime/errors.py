@@ -8,7 +8,7 @@ offending file, key or argument and say what would be valid.
 
 from __future__ import annotations
 
-from ..errors import QcnError
+from qcn.errors import ArtifactError, QcnError  # shared with qcn.compile and the artifact contract
 
 __all__ = [
     "QcnError",
@@ -21,11 +21,6 @@ __all__ = [
     "SlotError",
     "TokenizerError",
 ]
-
-
-class ArtifactError(QcnError):
-    """The artifact directory or its manifest.json is unusable (unknown version, missing file,
-    hash mismatch, missing or invalid key, graph I/O that disagrees with the manifest)."""
 
 
 class BackendError(QcnError):

@@ -21,7 +21,6 @@ The tokenizer is a byte-level BPE trained on a few lines; V = its vocabulary siz
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from qcn.artifact import (DTYPES, FORMAT, FORMAT_VERSION, LOGITS_MODES, CheckpointInfo, GenerationDefaults, GraphSpec,
+                          Manifest, ModelSpec, RuntimeSpec, StateSpec, TensorSpec, TokenizerSpec, hash_files,
+                          manifest_to_json, write_manifest)
 
 OPSET = 21
 INT64_MAX = np.iinfo(np.int64).max
@@ -266,38 +269,32 @@ def _attention_layer(b: _Builder, h: str, layer: int, tpos_i: str) -> str:
     return b.op("Add", h, b.op("MatMul", out, b.W(p + "wo")))
 
 
-def _io_specs(vocab_size: int, decode: bool, logits: str) -> tuple[list[dict], list[dict]]:
+def _io_specs(vocab_size: int, decode: bool, logits: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
     tok = 1 if decode else "tokens"
-    ins = [
-        {"name": "input_ids", "dtype": "int64", "shape": ["batch", tok]},
-        {"name": "past_len", "dtype": "int64", "shape": ["batch"]},
-    ]
-    outs = [{"name": "logits", "dtype": "float32", "shape": ["batch", vocab_size] if logits == "last" else ["batch", tok, vocab_size]}]
+    ins = [TensorSpec("input_ids", "int64", ("batch", tok)), TensorSpec("past_len", "int64", ("batch",))]
+    outs = [TensorSpec("logits", "float32", ("batch", vocab_size) if logits == "last" else ("batch", tok, vocab_size))]
     for layer, kind in enumerate(LAYER_TYPES):
         if kind == "linear_attention":
-            for name, shape in ((f"conv_state.{layer}", ["batch", C, K - 1]), (f"recurrent_state.{layer}", ["batch", HV, DK, DV])):
-                ins.append({"name": name, "dtype": "float32", "shape": shape})
-                outs.append({"name": "present." + name, "dtype": "float32", "shape": shape})
+            for name, shape in ((f"conv_state.{layer}", ("batch", C, K - 1)), (f"recurrent_state.{layer}", ("batch", HV, DK, DV))):
+                ins.append(TensorSpec(name, "float32", shape))
+                outs.append(TensorSpec("present." + name, "float32", shape))
         else:
             for kv in ("key", "value"):
-                ins.append({"name": f"past_{kv}.{layer}", "dtype": "float32", "shape": ["batch", KVH, "past", D]})
-                outs.append({"name": f"new_{kv}.{layer}", "dtype": "float32", "shape": ["batch", KVH, tok, D]})
+                ins.append(TensorSpec(f"past_{kv}.{layer}", "float32", ("batch", KVH, "past", D)))
+                outs.append(TensorSpec(f"new_{kv}.{layer}", "float32", ("batch", KVH, tok, D)))
     return ins, outs
 
 
-def _state_list() -> list[dict]:
+def _state_list() -> tuple[StateSpec, ...]:
     out = []
     for layer, kind in enumerate(LAYER_TYPES):
         if kind == "linear_attention":
-            out.append({"layer": layer, "kind": "conv_state", "input": f"conv_state.{layer}", "output": f"present.conv_state.{layer}", "shape": [C, K - 1], "dtype": "float32"})
-            out.append({"layer": layer, "kind": "recurrent_state", "input": f"recurrent_state.{layer}", "output": f"present.recurrent_state.{layer}", "shape": [HV, DK, DV], "dtype": "float32"})
+            out.append(StateSpec(layer, "conv_state", f"conv_state.{layer}", f"present.conv_state.{layer}", (C, K - 1), "float32"))
+            out.append(StateSpec(layer, "recurrent_state", f"recurrent_state.{layer}", f"present.recurrent_state.{layer}", (HV, DK, DV), "float32"))
         else:
             for kv in ("key", "value"):
-                out.append({"layer": layer, "kind": kv, "input": f"past_{kv}.{layer}", "output": f"new_{kv}.{layer}", "shape": [KVH, "max_context", D], "dtype": "float32"})
-    return out
-
-
-_DT = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64}
+                out.append(StateSpec(layer, kv, f"past_{kv}.{layer}", f"new_{kv}.{layer}", (KVH, "max_context", D), "float32"))
+    return tuple(out)
 
 
 def build_graph(weights: dict[str, np.ndarray], vocab_size: int, *, decode: bool, logits: str) -> onnx.ModelProto:
@@ -316,7 +313,7 @@ def build_graph(weights: dict[str, np.ndarray], vocab_size: int, *, decode: bool
         h = b.op("Squeeze", b.op("Slice", h, b.i64([-1]), b.i64([INT64_MAX]), b.i64([1])), b.i64([1]))
     b.op("MatMul", h, b.W("lm_head"), out="logits")
     ins, outs = _io_specs(vocab_size, decode, logits)
-    vi = lambda t: helper.make_tensor_value_info(t["name"], _DT[t["dtype"]], t["shape"])  # noqa: E731
+    vi = lambda t: helper.make_tensor_value_info(t.name, DTYPES[t.dtype].onnx, t.shape)  # noqa: E731
     graph = helper.make_graph(
         b.nodes, "qcn_fixture_" + ("decode" if decode else "prefill"), [vi(t) for t in ins], [vi(t) for t in outs], initializer=list(b.inits.values())
     )
@@ -364,17 +361,13 @@ def train_tokenizer(path: Path, vocab_size: int = 300):
     return tok
 
 
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 @dataclass
 class FixtureArtifact:
     path: Path
     model: ReferenceModel
     vocab_size: int
     eos_token_ids: tuple[int, ...]
-    manifest: dict = field(repr=False)
+    manifest: dict = field(repr=False)  # the JSON written (manifest_to_json of the typed Manifest)
 
 
 def write_fixture_artifact(
@@ -388,7 +381,7 @@ def write_fixture_artifact(
 ) -> FixtureArtifact:
     """Write a complete artifact (manifest.json, prefill.onnx, decode.onnx, weights.bin,
     tokenizer.json, tokenizer_config.json) into ``directory``; return it with its reference."""
-    assert logits in ("last", "all")
+    assert logits in LOGITS_MODES
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer(d / "tokenizer.json")
@@ -408,41 +401,30 @@ def write_fixture_artifact(
     graphs = {}
     for gname, is_decode in (("prefill", False), ("decode", True)):
         ins, outs = _io_specs(vocab_size, is_decode, logits)
-        graphs[gname] = {"file": f"{gname}.onnx", "logits": logits, "inputs": ins, "outputs": outs}
-    files = ["prefill.onnx", "decode.onnx", "weights.bin", "tokenizer.json", "tokenizer_config.json"]
-    manifest = {
-        "format": "qcn-artifact",
-        "format_version": 1,
-        "stage": "export",
-        "created_utc": "2025-01-01T00:00:00Z",
-        "qcn_version": "0.1.0",
-        "tools": {"onnx": onnx.__version__},
-        "recipe": {"name": "test-fixture"},
-        "recipe_sha256": "0" * 64,
-        "checkpoint": {"path": "<hand-made test fixture>", "config_sha256": "0" * 64, "mtp_tensors": []},
-        "model": {
-            "architecture": "Qwen3NextForCausalLM",
-            "vocab_size": vocab_size,
-            "hidden_size": H,
-            "num_layers": len(LAYER_TYPES),
-            "layer_types": list(LAYER_TYPES),
-            "activation_dtype": "float32",
-            "max_context": max_context,
-        },
-        "tokenizer": {
-            "files": ["tokenizer.json", "tokenizer_config.json"],
-            "eos_token_ids": list(eos_ids),
-            "bos_token_id": None,
-            "pad_token_id": eos_ids[0],
-            "chat_template": False,
-        },
-        "generation": {"temperature": 1.0, "top_p": 0.95, "top_k": 40},
-        "runtime": {"backend": "onnxruntime", "prefill_chunk": prefill_chunk, "max_batch": max_batch},
-        "graphs": graphs,
-        "state": _state_list(),
-        "files": {f: sha256_file(d / f) for f in files},
-    }
-    (d / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        graphs[gname] = GraphSpec(file=f"{gname}.onnx", logits=logits, inputs=tuple(ins), outputs=tuple(outs))
+    typed = Manifest(
+        format=FORMAT,
+        format_version=FORMAT_VERSION,
+        stage="export",
+        created_utc="2025-01-01T00:00:00Z",
+        qcn_version="0.1.0",
+        tools={"onnx": onnx.__version__},
+        recipe={"name": "test-fixture"},
+        recipe_sha256="0" * 64,
+        checkpoint=CheckpointInfo(path="<hand-made test fixture>", config_sha256="0" * 64),
+        model=ModelSpec(architecture="Qwen3NextForCausalLM", vocab_size=vocab_size, hidden_size=H,
+                        num_layers=len(LAYER_TYPES), layer_types=LAYER_TYPES, activation_dtype="float32",
+                        max_context=max_context),
+        tokenizer=TokenizerSpec(files=("tokenizer.json", "tokenizer_config.json"), eos_token_ids=eos_ids,
+                                bos_token_id=None, pad_token_id=eos_ids[0], chat_template=False),
+        generation=GenerationDefaults(temperature=1.0, top_p=0.95, top_k=40),
+        runtime=RuntimeSpec(backend="onnxruntime", prefill_chunk=prefill_chunk, max_batch=max_batch),
+        graphs=graphs,
+        state=_state_list(),
+        files=hash_files(d),
+    )
+    write_manifest(d, typed)
+    manifest = manifest_to_json(typed)
     return FixtureArtifact(d, ReferenceModel(weights, vocab_size), vocab_size, eos_ids, manifest)
 
 

@@ -21,7 +21,7 @@ import tensorrt_rtx  # noqa: E402
 
 from qcn.compile.artifacts import sha256_file  # noqa: E402
 from qcn.compile.build import trt as trtb  # noqa: E402
-from qcn.compile.build.engine_header import parse_header  # noqa: E402
+from qcn.artifact import parse_header  # noqa: E402
 from qcn.compile.build.stage import OnnxMismatchError, build_stage  # noqa: E402
 from qcn.compile.export.tiny import TINY_SPECS, write_tiny_checkpoint  # noqa: E402
 from qcn.compile.pipeline import run_pipeline  # noqa: E402

@@ -13,13 +13,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from qcn.artifact import DTYPES
+
 from ..export.config import ModelConfig
 from ..recipe import Recipe, Target
 
 GIB = 1 << 30
 BYTES_PER_PARAM = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0,
                    "fp8": 1.0 + 4.0 / (128 * 128), "int4": 0.5 + 2.0 / 128, "fp4": 0.5 + 1.0 / 16}
-ACT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 RUNTIME_OVERHEAD_GIB = 1.0  # CUDA context, cuBLAS/cuDNN handles, allocator slack (an estimate)
 
 
@@ -96,12 +97,12 @@ def compute_budget(recipe: Recipe, cfg: ModelConfig, target: Target | None = Non
     q, rt = recipe.quantization, recipe.runtime
     counts = param_counts(cfg)
     dense_p, expert_p = _prec(q.weights, act), _prec(q.experts, act)
-    kv_bytes = 1 if q.kv_cache == "fp8" else ACT_BYTES[act]
+    kv_bytes = 1 if q.kv_cache == "fp8" else DTYPES[act].itemsize
     n_attn = cfg.layer_types.count("full_attention")
     n_lin = cfg.layer_types.count("linear_attention")
     kv_per_token = n_attn * 2 * cfg.num_key_value_heads * cfg.head_dim * kv_bytes
     state_per_slot = n_lin * (cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim * 4
-                              + cfg.conv_dim * (cfg.linear_conv_kernel_dim - 1) * ACT_BYTES[act])
+                              + cfg.conv_dim * (cfg.linear_conv_kernel_dim - 1) * DTYPES[act].itemsize)
     emb = counts["embeddings+lm_head"] + counts["kept"]
     lines = (
         BudgetLine("routed experts", counts["routed_experts"] * BYTES_PER_PARAM[expert_p] / GIB,

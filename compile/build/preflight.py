@@ -133,8 +133,8 @@ def checkpoint_problems(recipe: Recipe) -> tuple[list[str], ModelConfig | None]:
     if recipe.runtime.max_context > cfg.max_position_embeddings:
         problems.append(f"runtime.max_context {recipe.runtime.max_context} exceeds the checkpoint's "
                         f"max_position_embeddings {cfg.max_position_embeddings}")
-    ids = token_id_problems(cfg.vocab_size, tok["eos_token_ids"], tok["bos_token_id"], tok["pad_token_id"])
-    if not tok["eos_token_ids"]:
+    ids = token_id_problems(cfg.vocab_size, tok.eos_token_ids, tok.bos_token_id, tok.pad_token_id)
+    if not tok.eos_token_ids:
         problems.append(f"{where} has no EOS token id (eos_token_id in generation_config.json or config.json): "
                         "the runtime needs one to end a generation")
         ids = [p for p in ids if p[0] != "tokenizer.eos_token_ids"]

@@ -12,16 +12,19 @@ backend writes it beside the engine on first use; the build only names it.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
-import json
 import logging
 import shutil
 from pathlib import Path
 
-from ..artifacts import atomic_dir, sha256_file, sha256_json
+from qcn.artifact import (ArtifactError, BuildSection, GraphSpec, Manifest, NetworkIO, OnnxSource, ProfileSpec,
+                          from_json, hash_files, parse_header, read_manifest, sha256_file, sha256_json, to_json,
+                          write_manifest)
+
+from ..artifacts import atomic_dir
 from ..recipe import Recipe, RecipeError
 from . import trt as trtb
-from .engine_header import parse_header
 
 log = logging.getLogger(__name__)
 
@@ -40,42 +43,46 @@ def export_identity(recipe_dict: dict) -> dict:
     return {"export": recipe_dict.get("export"), "quantization": recipe_dict.get("quantization")}
 
 
-def load_onnx_dir(onnx_dir: Path, recipe: Recipe) -> dict:
+def load_onnx_dir(onnx_dir: Path, recipe: Recipe) -> Manifest:
     """The manifest of an export/passes directory, after checking it is whole and this recipe's."""
     mpath = Path(onnx_dir) / "manifest.json"
     if not mpath.is_file():
         raise OnnxMismatchError(f"{onnx_dir}: no manifest.json; run the export stage first "
                                 f"(qcn-compile {recipe.source or 'RECIPE'} --until export)")
-    m = json.loads(mpath.read_text())
-    if m.get("stage") not in ("export", "passes"):
-        raise OnnxMismatchError(f"{mpath}: stage {m.get('stage')!r}; the build stage reads an export or passes directory")
-    graph = m["graphs"][SOURCE_GRAPH]["file"]
-    for rel, digest in m["files"].items():
+    try:
+        m = read_manifest(onnx_dir, verify_hashes=False, require_files=False)
+    except ArtifactError as e:
+        raise OnnxMismatchError(f"{e}; re-run the export stage") from None
+    if m.stage not in ("export", "passes"):
+        raise OnnxMismatchError(f"{mpath}: stage {m.stage!r}; the build stage reads an export or passes directory")
+    graph = m.graph(SOURCE_GRAPH).file
+    for rel, digest in m.files.items():
         p = Path(onnx_dir) / rel
         if not p.is_file():
             raise OnnxMismatchError(f"{p}: missing (listed in {mpath}); re-run the export stage")
         if rel in (graph, "weights.bin") and sha256_file(p) != digest:
             raise OnnxMismatchError(f"{p}: sha256 differs from {mpath}; the ONNX was modified, re-run the export stage")
-    want, have = export_identity(recipe.to_dict()), export_identity(m.get("recipe", {}))
+    recipe_had = m.recipe or {}
+    want, have = export_identity(recipe.to_dict()), export_identity(to_json(recipe_had))
     if want != have:
-        raise OnnxMismatchError(f"{onnx_dir} was exported by recipe {m.get('recipe', {}).get('name')!r} with {have}; "
+        raise OnnxMismatchError(f"{onnx_dir} was exported by recipe {recipe_had.get('name')!r} with {have}; "
                                 f"recipe {recipe.name!r} needs {want}: re-export (qcn-compile --force)")
     return m
 
 
-def check_io(network_io: dict, graph_spec: dict, where: str) -> None:
+def check_io(network_io: dict, graph_spec: GraphSpec, where: str) -> None:
     """The engine's network must have exactly the graph's inputs/outputs, with the same dtypes."""
     for kind in ("inputs", "outputs"):
         net = {t["name"]: t for t in network_io[kind]}
-        man = {t["name"]: t for t in graph_spec[kind]}
+        man = {t.name: t for t in getattr(graph_spec, kind)}
         if list(net) != list(man):
             raise trtb.BuildError(f"{where}: network {kind} {list(net)} differ from the manifest's {list(man)}")
         for name, t in man.items():
-            if net[name]["dtype"] != t["dtype"]:
-                raise trtb.BuildError(f"{where}: {name!r} is {net[name]['dtype']} in the network, {t['dtype']} in the manifest")
-            if len(net[name]["shape"]) != len(t["shape"]):
+            if net[name]["dtype"] != t.dtype:
+                raise trtb.BuildError(f"{where}: {name!r} is {net[name]['dtype']} in the network, {t.dtype} in the manifest")
+            if len(net[name]["shape"]) != len(t.shape):
                 raise trtb.BuildError(f"{where}: {name!r} has rank {len(net[name]['shape'])} in the network, "
-                                      f"{len(t['shape'])} in the manifest")
+                                      f"{len(t.shape)} in the manifest")
 
 
 def build_stage(recipe: Recipe, onnx_dir: Path, out: Path, *, module_version: str | None = None,
@@ -85,9 +92,10 @@ def build_stage(recipe: Recipe, onnx_dir: Path, out: Path, *, module_version: st
         raise RecipeError(f"target {target.name!r} has no build stage (onnxruntime runs the ONNX directly)")
     src = load_onnx_dir(onnx_dir, recipe)
     trt = trtb.import_module(target.module)
-    onnx_path = Path(onnx_dir) / src["graphs"][SOURCE_GRAPH]["file"]
+    source_graph = src.graph(SOURCE_GRAPH)
+    onnx_path = Path(onnx_dir) / source_graph.file
     rt = recipe.runtime
-    profiles = trtb.make_profiles(recipe.profile_mode, src["graphs"][SOURCE_GRAPH]["inputs"],
+    profiles = trtb.make_profiles(recipe.profile_mode, to_json(source_graph.inputs),
                                   prefill_chunk=rt.prefill_chunk, max_batch=rt.max_batch, max_context=rt.max_context)
     old_cache = Path(out) / TIMING_CACHE
     config = trtb.CreateConfig(profiles, workspace_gib=recipe.build.workspace_gib,
@@ -106,7 +114,7 @@ def build_stage(recipe: Recipe, onnx_dir: Path, out: Path, *, module_version: st
         builder, network, parser, logger = network_loader()
         io_box["io"] = trtb.network_io(trt, network)
         io_box["duplicate_names"] = logger.duplicate_names
-        check_io(io_box["io"], src["graphs"][SOURCE_GRAPH], str(onnx_path))
+        check_io(io_box["io"], source_graph, str(onnx_path))
         return builder, network, parser, logger
 
     engine_loader = trtb.EngineBytesFromNetwork(network_and_check, config)
@@ -125,42 +133,40 @@ def build_stage(recipe: Recipe, onnx_dir: Path, out: Path, *, module_version: st
         cache = trtb.timing_cache_bytes(config)
         if cache:
             (tmp / TIMING_CACHE).write_bytes(cache)
-        for f in src["tokenizer"]["files"]:
+        for f in src.tokenizer.files:
             shutil.copyfile(Path(onnx_dir) / f, tmp / f)
-        manifest = json.loads(json.dumps(src))
-        manifest["stage"] = "build"
-        manifest["created_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        manifest["recipe"] = recipe.to_dict()
-        manifest["recipe_sha256"] = sha256_json(manifest["recipe"])
-        manifest["runtime"]["backend"] = target.backend
-        for g in manifest["graphs"].values():
-            g["file"] = ENGINE
-        index = {g: i for i, p in enumerate(profiles) for g in p.graphs}
-        manifest["build"] = {
-            "target": target.name, "module": target.module, "module_version": version,
-            "compute_capability": target.compute_capability,
-            "compute_capabilities": list(recipe.compute_capabilities) if target.module == "tensorrt_rtx" else [],
-            "hardware_compatibility": recipe.build.hardware_compatibility if target.module == "tensorrt" else None,
-            "optimization_level": recipe.build.optimization_level, "workspace_gib": recipe.build.workspace_gib,
-            "engine": ENGINE, "engine_bytes": len(engine), "engine_sha256": sha256_file(tmp / ENGINE),
-            "engine_header": header.to_dict() if header else None,
-            "profile_mode": recipe.profile_mode,
-            "profiles": [dict(p.to_dict(), index=i) for i, p in enumerate(profiles)],
-            "graph_profile": index,
+        recipe_dict = recipe.to_dict()
+        build = BuildSection(
+            target=target.name, module=target.module, module_version=version,
+            compute_capability=target.compute_capability,
+            compute_capabilities=tuple(recipe.compute_capabilities) if target.module == "tensorrt_rtx" else (),
+            hardware_compatibility=recipe.build.hardware_compatibility if target.module == "tensorrt" else None,
+            optimization_level=recipe.build.optimization_level, workspace_gib=recipe.build.workspace_gib,
+            engine=ENGINE, engine_bytes=len(engine), engine_sha256=sha256_file(tmp / ENGINE),
+            engine_header=header,
+            profile_mode=recipe.profile_mode,
+            profiles=tuple(from_json(ProfileSpec, dict(p.to_dict(), index=i), "build profiles")
+                           for i, p in enumerate(profiles)),
+            graph_profile={g: i for i, p in enumerate(profiles) for g in p.graphs},
             # read from the parsed network the engine was built from: no engine can be
             # deserialized without a GPU (FINDINGS.md)
-            "io": io_box["io"], "io_source": "network",
+            io=from_json(NetworkIO, io_box["io"], "network io"), io_source="network",
             # tensorrt_rtx: none, qcn ops are inlined from their ONNX function bodies
-            "plugins": plugin_build.plugins if plugin_build else [],
-            **({"plugin_lowering": plugin_build.manifest()} if plugin_build else {}),
-            "onnx": {"graph": onnx_path.name, "sha256": src["files"][onnx_path.name],
-                     "weights_sha256": src["files"].get("weights.bin"), "stage": src["stage"]},
-            "timing_cache": TIMING_CACHE if cache else None,
-            "runtime_cache": RUNTIME_CACHE if target.module == "tensorrt_rtx" else None,
-            "build_seconds": round(engine_loader.seconds, 2),
-            "budget": budget,
-        }
-        manifest["inputs_sha256"] = inputs_sha256
-        manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            plugins=tuple(plugin_build.plugins) if plugin_build else (),
+            plugin_lowering=plugin_build.manifest() if plugin_build else None,
+            onnx=OnnxSource(graph=onnx_path.name, sha256=src.files[onnx_path.name],
+                            weights_sha256=src.files.get("weights.bin"), stage=src.stage),
+            timing_cache=TIMING_CACHE if cache else None,
+            runtime_cache=RUNTIME_CACHE if target.module == "tensorrt_rtx" else None,
+            build_seconds=round(engine_loader.seconds, 2),
+            budget=budget,
+        )
+        manifest = dataclasses.replace(
+            src, stage="build",
+            created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            recipe=recipe_dict, recipe_sha256=sha256_json(recipe_dict),
+            runtime=dataclasses.replace(src.runtime, backend=target.backend),
+            graphs={name: dataclasses.replace(g, file=ENGINE) for name, g in src.graphs.items()},
+            build=build, inputs_sha256=inputs_sha256, files=hash_files(tmp))
+        write_manifest(tmp, manifest)
     return Path(out)

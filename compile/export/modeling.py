@@ -21,13 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qcn.artifact import LOGITS_MODES
+
 from ..plugins.attention.op import cached_attention
 from ..plugins.gated_deltanet.op import gated_deltanet
 from ..plugins.moe.op import moe
 from .config import SUPPORTED_ROPE_TYPES, CheckpointError, ModelConfig
 from .weights import WeightSpec, weight_specs
 
-LOGITS_MODES = ("last", "all")
 
 
 @dataclass(frozen=True)

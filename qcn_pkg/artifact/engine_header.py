@@ -10,7 +10,8 @@ header we cannot parse is reported as "unknown", never as a broken engine:
   bytes 24-26 major.minor.patch of the TensorRT-RTX that built it
   bytes 32-35 uint32 LE        compute-capability mask: SM75 1, SM80 2, SM86 4, SM89 8, SM120 16, SM121 32
 Full TensorRT engines use another header (not parsed: no full TensorRT here).
-The runtime keeps its own copy of this parser (qcn.runtime never imports qcn.compile).
+This is the only copy: the build stage records it (manifest ``build.engine_header``, the same
+three fields) and the TensorRT backend checks an engine file against it.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ MAGIC = b"vtrt"
 HEADER_BYTES = 64
 CC_BITS = {"7.5": 1, "8.0": 2, "8.6": 4, "8.9": 8, "12.0": 16, "12.1": 32}
 
+__all__ = ["MAGIC", "HEADER_BYTES", "CC_BITS", "EngineHeader", "parse_header"]
+
 
 @dataclass(frozen=True)
 class EngineHeader:
     size: int
     version: str  # "1.7.1"
-    compute_capabilities: tuple[str, ...]
+    compute_capabilities: tuple[str, ...]  # ("8.9", "12.0")
 
     def to_dict(self) -> dict:
         return {"size": self.size, "version": self.version, "compute_capabilities": list(self.compute_capabilities)}
