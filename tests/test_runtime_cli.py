@@ -13,11 +13,6 @@ from qcn.runtime.tokenizer import Tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def art(tmp_path_factory):
-    return rf.write_fixture_artifact(tmp_path_factory.mktemp("cli"))
-
-
-@pytest.fixture(scope="module")
 def tok(art):
     return Tokenizer.from_file(art.path / "tokenizer.json", art.eos_token_ids)
 

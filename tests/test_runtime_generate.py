@@ -10,6 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 import runtime_fixture as rf  # noqa: E402
 
+from qcn.artifact import LOGITS_MODES  # noqa: E402
 from qcn.runtime.errors import CapacityError, ContextLengthError, TokenizerError  # noqa: E402
 from qcn.runtime.generate import generate, load  # noqa: E402
 from qcn.runtime.sampling import SamplingParams  # noqa: E402
@@ -18,9 +19,9 @@ PROMPTS = ["def fibonacci(n):", "x", "The quick brown fox. class Stack:"]
 GREEDY = SamplingParams(temperature=0, max_new_tokens=20)
 
 
-@pytest.fixture(scope="module", params=["last", "all"])
-def art(request, tmp_path_factory):
-    return rf.write_fixture_artifact(tmp_path_factory.mktemp("gen_" + request.param), logits=request.param)
+@pytest.fixture(scope="module", params=LOGITS_MODES)
+def logits(request):  # the conftest's `art` is written with each mode
+    return request.param
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import runtime_fixture as rf  # noqa: E402
 
 from qcn.runtime.backends import create_backend  # noqa: E402
+from qcn.artifact import LOGITS_MODES  # noqa: E402
 from qcn.runtime.errors import CapacityError, ContextLengthError, SlotError  # noqa: E402
 from qcn.runtime.manifest import load_manifest  # noqa: E402
 from qcn.runtime.session import SeqHandle, Session  # noqa: E402
@@ -18,9 +19,9 @@ from qcn.runtime.state import HostStateStore, StateSnapshot  # noqa: E402
 ATOL = 2e-4
 
 
-@pytest.fixture(scope="module", params=["last", "all"])
-def art(request, tmp_path_factory):
-    return rf.write_fixture_artifact(tmp_path_factory.mktemp("sess_" + request.param), logits=request.param)
+@pytest.fixture(scope="module", params=LOGITS_MODES)
+def logits(request):  # the conftest's `art` is written with each mode
+    return request.param
 
 
 @pytest.fixture(scope="module")

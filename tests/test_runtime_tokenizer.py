@@ -14,11 +14,6 @@ from qcn.runtime.tokenizer import Tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def art(tmp_path_factory):
-    return rf.write_fixture_artifact(tmp_path_factory.mktemp("tok"))
-
-
-@pytest.fixture(scope="module")
 def tok(art):
     return Tokenizer.from_manifest(load_manifest(art.path))
 
