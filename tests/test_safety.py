@@ -386,20 +386,12 @@ def test_a_bug_keeps_its_traceback(ckpt, tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------
 # invalid UTF-8 prompts: argv, stdin, Python API
 
-@pytest.fixture(scope="module")
-def fixture_artifact(tmp_path_factory):
-    sys.path.insert(0, str(Path(__file__).parent))
-    import runtime_fixture as rf
-
-    return rf.write_fixture_artifact(tmp_path_factory.mktemp("utf8"))
-
-
-def test_invalid_utf8_prompt_is_one_clear_line(fixture_artifact, monkeypatch, capsys):
+def test_invalid_utf8_prompt_is_one_clear_line(art, monkeypatch, capsys):
     from qcn.runtime import cli as run_cli
     from qcn.runtime.errors import TokenizerError
     from qcn.runtime.generate import load
 
-    path = str(fixture_artifact.path)
+    path = str(art.path)
     # argv: Python hands undecodable bytes over as lone surrogates (surrogateescape)
     assert run_cli.main([path, "--prompt", os.fsdecode(b"def f\xff():"), "--greedy"]) == 2
     err = capsys.readouterr().err.strip()
@@ -412,8 +404,8 @@ def test_invalid_utf8_prompt_is_one_clear_line(fixture_artifact, monkeypatch, ca
         gen.generate(["x\udcff"], gen.params(max_new_tokens=2))
 
 
-def test_invalid_utf8_in_a_real_argv(fixture_artifact):
-    proc = subprocess.run([sys.executable, "-m", "qcn.runtime.cli", str(fixture_artifact.path), "--prompt",
+def test_invalid_utf8_in_a_real_argv(art):
+    proc = subprocess.run([sys.executable, "-m", "qcn.runtime.cli", str(art.path), "--prompt",
                            b"caf\xe9", "--greedy"], capture_output=True, cwd=ROOT, timeout=120)
     err = proc.stderr.decode().strip()
     assert proc.returncode == 2 and err.count("\n") == 0 and "Traceback" not in err, err
