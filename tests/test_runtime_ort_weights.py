@@ -1,26 +1,15 @@
 """The onnxruntime backend's shared weights: the protobuf reader agrees with onnx, both
 sessions get one memory-mapped copy, and sharing changes no result."""
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import onnx
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-import runtime_fixture as rf  # noqa: E402
 
 from qcn.runtime.backends import create_backend  # noqa: E402
 from qcn.runtime.backends.onnx_weights import external_initializers  # noqa: E402
 from qcn.runtime.errors import ArtifactError  # noqa: E402
 from qcn.runtime.manifest import load_manifest  # noqa: E402
 from qcn.runtime.session import Session  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def art(tmp_path_factory):
-    return rf.write_fixture_artifact(tmp_path_factory.mktemp("ortw"))
 
 
 def test_reader_agrees_with_onnx(art):

@@ -72,16 +72,10 @@ class _CpuBackend:
 
 
 @pytest.fixture(scope="module")
-def manifest(tmp_path_factory):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    import runtime_fixture as rf
-
+def manifest(art):  # the conftest's fixture artifact
     from qcn.runtime.manifest import load_manifest
 
-    return load_manifest(rf.write_fixture_artifact(tmp_path_factory.mktemp("trt_state")).path)
+    return load_manifest(art.path)
 
 
 def test_device_state_write_read_reset_and_parity(manifest):
