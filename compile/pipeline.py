@@ -21,7 +21,7 @@ from pathlib import Path
 import onnx
 
 from qcn.artifact import (FORMAT, FORMAT_VERSION, STAGES, ArtifactError, CheckpointInfo, GenerationDefaults, GraphSpec,
-                          Manifest, ModelSpec, RuntimeSpec, StateSpec, TensorSpec, TokenizerSpec, from_onnx, hash_files,
+                          Manifest, PassesSection, ModelSpec, RuntimeSpec, StateSpec, TensorSpec, TokenizerSpec, from_onnx, hash_files,
                           read_manifest, sha256_file, sha256_json, write_manifest)
 
 from .artifacts import HashCache, atomic_dir, default_cache_path
@@ -256,7 +256,8 @@ def passes_stage(recipe: Recipe, export_dir: Path, out: Path, inputs_sha256: str
                 os.link(Path(export_dir) / rel, tmp / rel)
             except OSError:
                 shutil.copyfile(Path(export_dir) / rel, tmp / rel)
-        write_manifest(tmp, dataclasses.replace(src, stage="passes", passes=PASSES, inputs_sha256=inputs_sha256))
+        write_manifest(tmp, dataclasses.replace(src, stage="passes", passes=PassesSection(run=PASSES),
+                                                inputs_sha256=inputs_sha256))
     return out
 
 

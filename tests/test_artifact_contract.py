@@ -33,11 +33,28 @@ def test_round_trip_write_then_read(art_copy, tmp_path):
     key = next(s for s in m.state if s.kind == "key")
     assert key.shape[1] == m.model.max_context  # resolved when read ...
     assert next(s for s in manifest_to_json(m)["state"] if s["kind"] == "key")["shape"][1] == "max_context"  # ... the symbol when written
-    changed = dataclasses.replace(m, runtime=dataclasses.replace(m.runtime, max_batch=3), stage="passes", passes=("fold",))
+    passes = artifact.PassesSection(run=("fold",), not_run={"fuse": "no plugin"}, counts={"fold": {"prefill": {"matched": 2}}})
+    changed = dataclasses.replace(m, runtime=dataclasses.replace(m.runtime, max_batch=3), stage="passes", passes=passes)
     write_manifest(art_copy.path, changed)
     again = read_manifest(art_copy.path)
-    assert again == changed and again.runtime.max_batch == 3 and again.passes == ("fold",)
+    assert again == changed and again.runtime.max_batch == 3 and again.passes.counts["fold"]["prefill"]["matched"] == 2
     assert again.artifact_dir == art_copy.path and again.raw["runtime"]["max_batch"] == 3
+
+
+def test_passes_section(art_copy):
+    raw = _raw(art_copy)
+    raw.update(stage="passes", passes=[])  # how format_version 1 wrote it before the section existed
+    _save(art_copy, raw)
+    m = read_manifest(art_copy.path)
+    assert m.passes == artifact.PassesSection(run=()) and manifest_to_json(m)["passes"] == {"run": [], "not_run": {}, "counts": {}}
+    del raw["passes"]
+    _save(art_copy, raw)
+    with pytest.raises(ArtifactError, match=r"key 'passes': missing \(a passes-stage manifest"):
+        read_manifest(art_copy.path)
+    raw["passes"] = {"run": ["fold"], "report": "passes_report.json"}
+    _save(art_copy, raw)
+    with pytest.raises(ArtifactError, match=r"key 'passes.report': 'passes_report.json' is not listed in 'files'"):
+        read_manifest(art_copy.path)
 
 
 def test_read_manifest_is_frozen_and_typed(art):

@@ -40,7 +40,7 @@ __all__ = [
     "STAGES", "GRAPH_NAMES", "LOGITS_MODES", "STATE_KINDS", "CARRIED_KINDS", "CACHE_KINDS",
     "TensorSpec", "GraphSpec", "StateSpec", "TokenizerSpec", "GenerationDefaults", "ModelSpec",
     "RuntimeSpec", "CheckpointInfo", "ShapeRange", "ProfileSpec", "NetworkIO", "OnnxSource",
-    "BuildSection", "Manifest", "read_manifest", "write_manifest", "manifest_from_json",
+    "PassesSection", "BuildSection", "Manifest", "read_manifest", "write_manifest", "manifest_from_json",
     "manifest_to_json",
 ]
 
@@ -101,6 +101,8 @@ def _sha256(v: str) -> str | None:
 
 
 # -- sections -----------------------------------------------------------------------------
+
+_EMPTY: Mapping = MappingProxyType({})
 
 Dim = int | str
 
@@ -244,6 +246,20 @@ class OnnxSource(Frozen):
 
 
 @dataclass(frozen=True)
+class PassesSection(Frozen):
+    """What the passes stage ran (stage passes, and copied into build). ``report`` names the
+    per-pass report file (listed in ``files``); ``counts``: pass -> graph -> {matched,
+    rewritten, refused, ...}; ``plugins``: per-pass plugin configs (JSON)."""
+
+    run: tuple[str, ...]  # the passes run, in order
+    module: str | None = None  # the build module the plan was made for
+    report: str | None = checked(_relpath, "a file name or null", default=None)
+    not_run: Mapping[str, str] = field(default_factory=lambda: _EMPTY)  # pass -> why it did not run
+    counts: Mapping[str, Mapping[str, Mapping[str, int]]] = field(default_factory=lambda: _EMPTY)
+    plugins: Any = None
+
+
+@dataclass(frozen=True)
 class BuildSection(Frozen):
     """What the build stage made (docs/BUILD.md). Reports (plugin_lowering, budget) are JSON."""
 
@@ -273,9 +289,6 @@ class BuildSection(Frozen):
     budget: Any = None
 
 
-_EMPTY: Mapping = MappingProxyType({})
-
-
 @dataclass(frozen=True)
 class Manifest(Frozen):
     """An artifact directory's manifest.json. Runtime code uses model, tokenizer, generation,
@@ -301,7 +314,7 @@ class Manifest(Frozen):
     checkpoint: CheckpointInfo | None = None
     inputs_sha256: str | None = None  # the stage's staleness key (compile.pipeline)
     # stage sections
-    passes: tuple[str, ...] | None = None  # stage passes (and after): the passes run, in order
+    passes: PassesSection | None = None  # stage passes (and build after it)
     build: BuildSection | None = None  # stage build
     # where it was read from (not part of the JSON)
     artifact_dir: Path | None = field(default=None, compare=False, metadata=LOCAL)
@@ -396,6 +409,8 @@ def manifest_from_json(raw: Any, source: str = MANIFEST_NAME) -> Manifest:
     if "format" in raw and raw["format"] != FORMAT:
         raise ArtifactError(f"{source}: key 'format': unknown format {raw['format']!r}; this qcn reads format {FORMAT!r}")
     raw = _version_gate(raw, source)
+    if isinstance(raw.get("passes"), list):  # format_version 1 before the passes stage had a section:
+        raw = dict(raw, passes={"run": raw["passes"]})  # the list of passes run (always empty then)
     m = from_json(Manifest, raw, source)
     return _validate(m, source)
 
@@ -445,6 +460,10 @@ def _validate(m: Manifest, source: str) -> Manifest:
     for key, rel in needed:
         if rel not in files:
             raise fail(key, f"{rel!r} is not listed in 'files'; every file the runtime loads must carry a sha256")
+    if m.stage == "passes" and m.passes is None:
+        raise fail("passes", "missing (a passes-stage manifest says what ran in 'passes')")
+    if m.passes is not None and m.passes.report is not None and m.passes.report not in files:
+        raise fail("passes.report", f"{m.passes.report!r} is not listed in 'files'")
     if m.stage == "build":
         _check_build(m, graphs, fail)
     return dataclasses.replace(m, graphs=MappingProxyType(graphs), state=states, files=MappingProxyType(files))
