@@ -21,6 +21,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import onnxruntime as ort
 
+from qcn.artifact import DTYPES
+
 from ..errors import ArtifactError, BackendError
 from ...support import state_dtype_problems
 from ..manifest import Manifest, numpy_dtype
@@ -31,15 +33,6 @@ __all__ = ["OrtBackend"]
 
 log = logging.getLogger(__name__)
 
-_ORT_TYPES = {
-    "float32": "tensor(float)",
-    "float16": "tensor(float16)",
-    "float64": "tensor(double)",
-    "bfloat16": "tensor(bfloat16)",
-    "int64": "tensor(int64)",
-    "int32": "tensor(int32)",
-    "bool": "tensor(bool)",
-}
 
 
 class OrtBackend:
@@ -145,7 +138,7 @@ class OrtBackend:
             raise ArtifactError(f"{path}: graph lacks outputs listed in manifest graphs.{gname}.outputs: {missing_out}")
         for t in list(spec.inputs) + list(spec.outputs):
             node = actual_in.get(t.name) or actual_out.get(t.name)
-            want = _ORT_TYPES.get(t.dtype)
+            want = DTYPES[t.dtype].ort
             if want and node.type != want:
                 raise ArtifactError(f"{path}: {t.name!r} is {node.type} in the graph but {t.dtype} in the manifest")
 

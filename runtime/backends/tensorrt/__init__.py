@@ -20,9 +20,9 @@ Never imports qcn.compile.
 
 from .backend import TensorRTBackend
 from .device_state import DeviceState, append_kv
-from .engine import EngineInfo, Profile, parse_engine_header, verify_engine
+from .engine import EngineInfo, Profile, verify_engine
 from .plan import Binding, binding_plan, buffer_sizes
 from .profiles import check_profile, select_profile
 
 __all__ = ["EngineInfo", "Profile", "verify_engine", "select_profile", "check_profile", "Binding", "binding_plan",
-           "buffer_sizes", "TensorRTBackend", "DeviceState", "append_kv", "parse_engine_header"]
+           "buffer_sizes", "TensorRTBackend", "DeviceState", "append_kv"]

@@ -15,12 +15,14 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from qcn.artifact import DTYPES, from_trt
+
 from ...errors import ArtifactError, BackendError
 from ...manifest import Manifest
 from .engine import EngineInfo, verify_engine
 from .profiles import check_profile, select_profile
 
-__all__ = ["TensorRTBackend", "TORCH_DTYPES"]
+__all__ = ["TensorRTBackend"]
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +46,6 @@ def _torch_cuda():
     return torch
 
 
-TORCH_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "int64": "int64", "int32": "int32",
-                "bool": "bool"}
 
 
 class TensorRTBackend:
@@ -112,13 +112,12 @@ class TensorRTBackend:
         if not self._buffers:
             for i in range(self.engine.num_io_tensors):
                 name = self.engine.get_tensor_name(i)
-                dtype = getattr(self.torch, TORCH_DTYPES[self._dtype(name)])
+                dtype = getattr(self.torch, DTYPES[self._dtype(name)].torch)
                 self._buffers[name] = self.torch.empty(math.prod(self._max_shape(name)), dtype=dtype, device=self.device)
         return self._buffers
 
     def _dtype(self, name: str) -> str:
-        return {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64", "INT32": "int32",
-                "BOOL": "bool"}[self.engine.get_tensor_dtype(name).name]
+        return from_trt(self.engine.get_tensor_dtype(name).name)
 
     def _check_engine_io(self) -> None:
         """The deserialized engine must have the manifest's tensors with its dtypes."""

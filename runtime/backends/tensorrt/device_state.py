@@ -35,9 +35,10 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from qcn.artifact import DTYPES
+
 from ...errors import BackendError
 from ...state import _Layout, contiguous_runs
-from .backend import TORCH_DTYPES
 from .plan import binding_plan, buffer_sizes
 from .profiles import check_profile, select_profile
 
@@ -79,7 +80,7 @@ class DeviceState:
     # -- views -----------------------------------------------------------------------------
     def _view(self, buffer: str, shape, dtype: str):
         torch = self.backend.torch
-        t = self.buffers[buffer].view(getattr(torch, TORCH_DTYPES[dtype]))
+        t = self.buffers[buffer].view(getattr(torch, DTYPES[dtype].torch))
         return t[: math.prod(shape)].view(shape)
 
     def _carried(self, s, parity: bool):

@@ -6,11 +6,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from qcn.artifact import DTYPES
+
 from ...manifest import Manifest
 
-__all__ = ["Binding", "binding_plan", "buffer_sizes", "ITEMSIZE"]
-
-ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "bool": 1}
+__all__ = ["Binding", "binding_plan", "buffer_sizes"]
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def buffer_sizes(manifest: Manifest, *, max_batch: int | None = None, max_contex
     logits_tokens = 1 if manifest.graph("prefill").logits == "last" else chunk
     sizes["logits"] = slots * logits_tokens * manifest.model.vocab_size * 4
     for s in manifest.state:
-        item = ITEMSIZE[s.dtype]
+        item = DTYPES[s.dtype].itemsize
         if s.carried:
             n = slots * math.prod(s.shape) * item
             sizes[f"{s.input}.a"] = sizes[f"{s.input}.b"] = n
