@@ -375,6 +375,11 @@ class HashCache:
                 self._new[str(Path(path).absolute())] = _stat_key(st) + [digest]
         return digest
 
+    def remember(self, path: Path, digest: str) -> None:
+        """Record ``digest`` for ``path`` as it is now: for a file whose bytes are known not to have
+        changed while its ctime did (the passes stage hard-links export files)."""
+        self._new[str(Path(path).absolute())] = _stat_key(os.stat(path)) + [digest]
+
     def moved(self, old_dir: Path, new_dir: Path) -> None:
         """`old_dir` was renamed to `new_dir` (atomic_dir's swap): its files kept their inodes
         and times, so their entries are moved along."""

@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HF checkpoint directory; overrides the recipe's `checkpoint`")
     p.add_argument("--out", type=Path, default=None, help="artifact directory; overrides the recipe's `output`")
     p.add_argument("--until", choices=STAGES, default="build",
-                   help="last stage to run (default: build; the cpu target stops after export)")
+                   help="last stage to run (default: build; the cpu target has no build: its artifact is the passes directory)")
     p.add_argument("--force", action="store_true",
                    help="redo every stage even when its inputs did not change, and let the output replace whatever "
                         "is at its path (never the checkpoint); without it only a directory qcn wrote is replaced")

@@ -13,7 +13,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import shutil
 from importlib import metadata
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import onnx
 
 from qcn.artifact import (FORMAT, FORMAT_VERSION, STAGES, ArtifactError, CheckpointInfo, GenerationDefaults, GraphSpec,
-                          Manifest, PassesSection, ModelSpec, RuntimeSpec, StateSpec, TensorSpec, TokenizerSpec, from_onnx, hash_files,
+                          Manifest, ModelSpec, RuntimeSpec, StateSpec, TensorSpec, TokenizerSpec, from_onnx, hash_files,
                           read_manifest, sha256_file, sha256_json, write_manifest)
 
 from .artifacts import HashCache, atomic_dir, default_cache_path
@@ -158,14 +157,16 @@ def compile_recipe(recipe: Recipe, *, progress: bool = False, out: Path | None =
 # ---------------------------------------------------------------------------------------
 # stages
 
-PASSES: tuple[str, ...] = ()  # graph passes run by the passes stage (none exist yet)
 
 
 def stage_dirs(recipe: Recipe) -> dict[str, Path]:
+    """The cpu target's artifact is the passes directory (onnxruntime runs it; no build stage);
+    GPU targets' is the build's. Earlier stages go to `<output>.stages/`."""
     out = Path(recipe.output)
+    base = out if out.name else out.absolute()  # "." or "/": the output checks refuse it with its own message
+    work = base.with_name(base.name + ".stages") if base.name else base / ".stages"
     if not recipe.target_info.is_gpu:
-        return {"export": out}
-    work = out.with_name(out.name + ".stages")
+        return {"export": work / "export", "passes": out}
     return {"export": work / "export", "passes": work / "passes", "build": out}
 
 
@@ -247,17 +248,37 @@ def up_to_date(d: Path, inputs_sha256: str, cache: HashCache | None = None) -> b
     return True
 
 
-def passes_stage(recipe: Recipe, export_dir: Path, out: Path, inputs_sha256: str, *, force: bool = False) -> Path:
-    """Runs PASSES (none yet) over the export directory: today its files are linked as they are."""
-    src = read_manifest(export_dir, verify_hashes=False)
+def passes_inputs(recipe: Recipe, export_manifest: Manifest | None) -> str:
+    """The passes stage's skip key: the export's files, the target's pass plan, quantization,
+    qcn's sources and version."""
+    from .passes.plan import plan_identity
+
+    return sha256_json({"input_files": dict(export_manifest.files) if export_manifest else None,
+                        "passes": plan_identity(recipe.target_info.module), "qcn": _version("qcn"),
+                        "qcn_code": code_fingerprint(),
+                        "quantization": dataclasses.asdict(recipe.quantization)})
+
+
+def passes_stage(recipe: Recipe, export_dir: Path, out: Path, inputs_sha256: str, *, force: bool = False,
+                 hash_cache: HashCache | None = None) -> Path:
+    """Run the target's pass plan (compile/passes/plan.py) over the export directory into `out`:
+    the graphs after each pass, passes_report.json and a manifest with stage "passes"."""
+    from .passes.stage import files_section, run_passes
+
+    src = _manifest(export_dir)
+    if src is None or src.stage != "export":
+        raise RecipeError(f"{export_dir}: not an export directory (no manifest with stage 'export'); "
+                          f"run qcn-compile {recipe.source or 'RECIPE'} --until export")
+    cache = hash_cache if hash_cache is not None else HashCache()
     with atomic_dir(out, force=force, protect=[recipe.checkpoint]) as tmp:
-        for rel in src.files:
-            try:
-                os.link(Path(export_dir) / rel, tmp / rel)
-            except OSError:
-                shutil.copyfile(Path(export_dir) / rel, tmp / rel)
-        write_manifest(tmp, dataclasses.replace(src, stage="passes", passes=PassesSection(run=PASSES),
-                                                inputs_sha256=inputs_sha256))
+        written = tmp
+        section = run_passes(Path(export_dir), tmp, recipe.target_info.module, src, cache)
+        write_manifest(tmp, dataclasses.replace(
+            src, stage="passes", passes=section, inputs_sha256=inputs_sha256,
+            created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            files=files_section(tmp, cache)))
+    cache.moved(written, out)
+    log.info("wrote %s", out)
     return out
 
 
@@ -286,10 +307,14 @@ def run_pipeline(recipe: Recipe, *, until: str = "build", force: bool = False, p
 
         report = check(recipe, check_module=until == "build", force=force)
     cache = hash_cache if hash_cache is not None else HashCache(default_cache_path())
+    work = dirs["export"].parent  # <output>.stages
+    made_work = not work.exists()
     try:
         return _run_stages(recipe, dirs, until, force, progress, report, cache)
     finally:
         cache.save()
+        if made_work and work.is_dir() and not any(work.iterdir()):  # failed or interrupted: nothing of ours left
+            work.rmdir()
 
 
 def _run_stages(recipe, dirs, until, force, progress, report, cache) -> PipelineResult:
@@ -301,10 +326,13 @@ def _run_stages(recipe, dirs, until, force, progress, report, cache) -> Pipeline
             key = export_inputs(recipe, cache, progress=progress)
         else:
             m = _manifest(dirs[prev])
-            extra = {"passes": list(PASSES), "quantization": dataclasses.asdict(recipe.quantization)} if stage == "passes" \
-                else {"recipe": {k: v for k, v in recipe.to_dict().items() if k not in ("source", "output", "checkpoint")},
-                      "module_version": report.module_version}
-            key = sha256_json({"input_files": dict(m.files) if m else None, **extra})
+            if stage == "passes":
+                key = passes_inputs(recipe, m)
+            else:
+                key = sha256_json({"input_files": dict(m.files) if m else None,
+                                   "recipe": {k: v for k, v in recipe.to_dict().items()
+                                              if k not in ("source", "output", "checkpoint")},
+                                   "module_version": report.module_version})
         if not force and up_to_date(dirs[stage], key, cache):
             log.info("stage %s: up to date (%s)", stage, dirs[stage])
             skipped.append(stage)
@@ -313,7 +341,7 @@ def _run_stages(recipe, dirs, until, force, progress, report, cache) -> Pipeline
                 compile_recipe(recipe, progress=progress, out=dirs[stage], inputs_sha256=key, force=force,
                                hash_cache=cache)
             elif stage == "passes":
-                passes_stage(recipe, dirs[prev], dirs[stage], key, force=force)
+                passes_stage(recipe, dirs[prev], dirs[stage], key, force=force, hash_cache=cache)
             else:
                 from .build.stage import build_stage
 

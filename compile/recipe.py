@@ -23,8 +23,8 @@ ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
 OPSETS = (23,)
 WEIGHT_PRECISIONS = ("none", "fp8", "int4", "fp4")  # "none": stored in the activation dtype
 KV_PRECISIONS = ("activation", "fp8")  # "activation": the KV cache has the activation dtype
-# Compute capabilities tensorrt_rtx 1.7.1 can build for (its ComputeCapability enum, measured).
-RTX_COMPUTE_CAPABILITIES = ("7.5", "8.0", "8.6", "8.9", "12.0", "12.1")
+# Compute capabilities tensorrt_rtx 1.7.1 can build for: the GPU table's rows with a header bit.
+from .build.targets import RTX_COMPUTE_CAPABILITIES  # noqa: E402
 HARDWARE_COMPATIBILITY = ("none", "ampere_plus", "same_compute_capability")  # full TensorRT only
 PROFILE_MODES = ("single", "split")
 MODULES = ("onnxruntime", "tensorrt", "tensorrt_rtx")

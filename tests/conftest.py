@@ -1,18 +1,50 @@
-"""Shared test setup: tests/ on sys.path for the small helpers (op_harness, runtime_fixture), and
-tools/ for the qcn-pico training package (tools/pico)."""
+"""Shared test setup.
 
+- tests/ on sys.path for the small helpers (op_harness, runtime_fixture, trt_stub), tools/ for
+  the qcn-pico training package (tools/pico).
+- Triton's interpreter for the whole session: Triton fixes a kernel's mode when its module is
+  imported (``@triton.jit`` reads TRITON_INTERPRET), so the mode is set here, before any test
+  module imports triton, and never by reloading modules (results cannot depend on test order).
+  Tests that compile real PTX do it in a subprocess without the variable.
+- ``trt_stub``: the one stub of ``tensorrt.plugin`` (tests/trt_stub.py), installed for one test.
+- ``art`` / ``art_copy`` / ``logits``: the hand-made fixture artifact (tests/runtime_fixture.py).
+"""
+
+from __future__ import annotations
+
+import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent.parent / "tools"))
+import pytest
+
+TESTS = Path(__file__).parent
+sys.path.insert(0, str(TESTS))
+sys.path.insert(0, str(TESTS.parent / "tools"))
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from trt_stub import make_trt_stub  # noqa: E402
+
+
+@pytest.fixture
+def trt_stub(monkeypatch):
+    """The stub installed for one test; the once-per-process plugin registration state is reset.
+    Returns the registry (plugin id -> {"desc", "autotune", "aot"} -> function)."""
+    trt, trtp, reg = make_trt_stub()
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setitem(sys.modules, "tensorrt.plugin", trtp)
+    from qcn.compile.build import plugins as build_plugins
+    from qcn.compile.plugins.gated_deltanet import trt_plugin as gdn_tp
+
+    monkeypatch.setattr(gdn_tp, "_registered", None)
+    monkeypatch.setattr(build_plugins, "_REGISTERED", {})
+    return reg
 
 
 # -- the hand-made fixture artifact (tests/runtime_fixture.py), written through qcn.artifact --
 import dataclasses  # noqa: E402
 import shutil  # noqa: E402
 
-import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")

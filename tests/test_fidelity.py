@@ -11,7 +11,7 @@ import torch
 from transformers import Qwen3NextForCausalLM
 
 from qcn.compile.export.tiny import TINY_SPECS, write_tiny_checkpoint
-from qcn.compile.pipeline import compile_recipe
+from qcn.compile.pipeline import run_pipeline
 from qcn.compile.recipe import ExportOptions, Recipe, RuntimeOptions
 from qcn.runtime.generate import load
 from qcn.runtime.sampling import SamplingParams
@@ -27,7 +27,7 @@ def compile_tiny(tmp_dir, spec: str, *, logits: str = "last", chunk: int = 64, m
     recipe = Recipe(name=f"test-{spec}", checkpoint=ckpt, output=tmp_dir / f"artifact-{spec}-{logits}",
                     export=ExportOptions(logits=logits),
                     runtime=RuntimeOptions(prefill_chunk=chunk, max_batch=max_batch, max_context=320))
-    return ckpt, compile_recipe(recipe)
+    return ckpt, run_pipeline(recipe).output  # what a user loads: the cpu target's passes directory
 
 
 @pytest.fixture(scope="module", params=SPECS)

@@ -128,7 +128,8 @@ def test_moe_body_vs_reference(N, H, E, I, Is, k, norm):
 
 
 def test_moe_ties_pick_lowest_index():
-    # identical router rows -> every expert ties; torch.topk and ONNX TopK both take the lowest indices
+    # identical router rows -> every expert ties; ONNX TopK and the reference (a stable sort, which
+    # the torch op calls) both take the lowest indices
     inputs = _moe_inputs(torch.Generator().manual_seed(3), 4, 6, 5, 3, 2)
     inputs["router_weight"] = inputs["router_weight"][:1].repeat(5, 1)
     inputs["gate_up"][3:] = 100.0  # experts 3 and 4 would dominate if wrongly selected
@@ -136,6 +137,10 @@ def test_moe_ties_pick_lowest_index():
     out = run_op_in_ort(MOE, inputs, dict(top_k=2, norm_topk_prob=1, weight_format="float"), [2])[0]
     _close(out, ref, 1e-5)
     assert ref.abs().max() < 50
+    from qcn.compile.plugins.moe.reference import route_reference
+
+    _, ids = route_reference(inputs["x"], inputs["router_weight"], 2, True, compute_dtype=None)
+    assert ids.tolist() == [[0, 1]] * 4
 
 
 @pytest.mark.parametrize("norm,k", [(True, 3), (False, 1)])

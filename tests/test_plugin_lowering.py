@@ -1,7 +1,8 @@
-"""Plugin lowering for full TensorRT (compile/passes/lower_*.py, compile/build/plugins.py), on CPU.
+"""Plugin lowering for full TensorRT (the onnxscript rules compile/passes/lower_*.py, their
+registration through compile/plugins/registry.py and compile/build/plugins.py), on CPU.
 
-No full TensorRT and no GPU here: the registrations run against a stub of ``tensorrt.plugin``
-(as tests/kernels do) that records each plugin's descriptor function. Checked: the lowered
+No full TensorRT and no GPU here: the registrations run against the stub of ``tensorrt.plugin``
+(tests/trt_stub.py, fixture ``trt_stub``) that records each plugin's descriptor function. Checked: the lowered
 graph is valid ONNX; each plugin node names a registered plugin id (op_type + plugin_namespace),
 has as many inputs as the descriptor has tensor parameters and exactly its attributes; the
 descriptors evaluated along the chain give the original node's output shapes; one
@@ -11,8 +12,6 @@ nodes, building an engine with the plugins, running it.
 """
 
 import inspect
-import sys
-import types
 
 import onnx
 import pytest
@@ -20,11 +19,15 @@ from onnx import TensorProto, helper
 
 pytest.importorskip("triton")
 
+from trt_stub import TensorDesc  # noqa: E402
+
 from qcn.compile.build import plugins as P  # noqa: E402
-from qcn.compile.passes._lowering import PLUGIN_DOMAIN  # noqa: E402
+from qcn.compile.passes.base import PLUGIN_DOMAIN, PassError, apply, to_ir, to_proto  # noqa: E402
 from qcn.compile.passes.lower_cached_attention import LowerCachedAttention  # noqa: E402
 from qcn.compile.passes.lower_gated_deltanet import LowerGatedDeltaNet  # noqa: E402
-from qcn.compile.passes.lower_moe import LowerMoE  # noqa: E402
+from qcn.compile.passes.lower_moe import DECODE_MAX_TOKENS, LowerMoE  # noqa: E402
+from qcn.compile.passes.plan import plan_for  # noqa: E402
+from qcn.compile.passes.stage import run_graph  # noqa: E402
 from qcn.compile.plugins.attention import op as attn_op  # noqa: E402
 from qcn.compile.plugins.gated_deltanet import op as gdn_op  # noqa: E402
 from qcn.compile.plugins.moe import op as moe_op  # noqa: E402
@@ -37,47 +40,26 @@ C = 2 * Hk * Dk + Hv * Dv
 H, E, I, Is, TOPK = 64, 8, 32, 48, 2
 HQ, KVH, D = 4, 2, 32
 BIND = {"B": 2, "T": 5, "N": 10, "P": 70}
+OP_PASS = {"GatedDeltaNet": "lower_gated_deltanet", "MoE": "lower_moe", "CachedAttention": "lower_cached_attention"}
 
 
-# ---------------------------------------------------------------- stub of tensorrt.plugin
-class TensorDesc:
-    def __init__(self, shape, dtype=None):
-        self.shape_expr, self.dtype = list(shape), dtype
-
-    def like(self):
-        return TensorDesc(self.shape_expr, self.dtype)
-
-    aliased = like
+def lower_all(m: onnx.ModelProto, module: str = "tensorrt"):
+    """The passes stage's per-graph run: (lowered proto, {op: report entry})."""
+    out, entries = run_graph(m, module, "test graph")
+    by_pass = dict(zip([p.name for p, _ in plan_for(module)], entries))
+    return out, {op: by_pass[name] for op, name in OP_PASS.items()}
 
 
-@pytest.fixture
-def trt_stub(monkeypatch):
-    reg = {}
+def counts(entry: dict) -> dict:
+    return {k: entry[k] for k in ("matched", "rewritten", "refused", "new_nodes")}
 
-    def deco(kind):
-        return lambda pid: (lambda f: reg.setdefault(pid, {}).__setitem__(kind, f) or f)
 
-    trt = types.ModuleType("tensorrt")
-    trtp = types.ModuleType("tensorrt.plugin")
-    for n in ("float32", "float16", "bfloat16", "int32", "int64", "uint8"):
-        setattr(trt, n, n)
-    trt.plugin = trtp
+def plugins_section(results: dict) -> dict:
+    return {OP_PASS[op]: {"config": r["config"], "plugins": r["plugins"]} for op, r in results.items() if r["rewritten"]}
 
-    class SymExprs:
-        pass
 
-    trtp.__dict__.update(TensorDesc=TensorDesc, SymExprs=SymExprs, SymIntExprs=SymExprs, SymInt32=int,
-                         KernelLaunchParams=types.SimpleNamespace, cdiv=lambda a, b: -(-a // b),
-                         from_shape_expr=lambda shape, dtype: TensorDesc(shape, dtype),
-                         AutoTuneCombination=lambda *a: a,
-                         register=deco("desc"), autotune=deco("autotune"), aot_impl=deco("aot"))
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    monkeypatch.setitem(sys.modules, "tensorrt.plugin", trtp)
-    from qcn.compile.plugins.gated_deltanet import trt_plugin as gdn_tp
-
-    monkeypatch.setattr(gdn_tp, "_registered", None)
-    monkeypatch.setattr(P, "_REGISTERED", {})
-    return reg
+def used_plugins(results: dict) -> list[str]:
+    return sorted(set().union(*(r["plugins"] for r in results.values())))
 
 
 # ---------------------------------------------------------------- test graphs
@@ -98,19 +80,19 @@ def gdn_node(tag="", a_log_dt=F32, dv="static"):
     return node, [vi(n, dt, s) for n, dt, s in zip(names, dts, shapes)], out_vi
 
 
-def moe_node(tag="", fmt="float", n="N"):
+def moe_node(tag="", fmt="float", n="N", e_router=E):
     names = [f"{x}{tag}" for x in moe_op.INPUTS]
-    shapes = [[n, H], [E, H], [E, 2 * I, H], [E, H, I], [2 * Is, H], [H, Is], [1, H]]
+    shapes = [[n, H], [e_router, H], [E, 2 * I, H], [E, H, I], [2 * Is, H], [H, Is], [1, H]]
     node = helper.make_node("MoE", names, [f"y{tag}"], name=f"moe{tag}", domain="qcn", top_k=TOPK, norm_topk_prob=1,
                             weight_format=fmt)
     return node, [vi(x, BF, s) for x, s in zip(names, shapes)], [vi(f"y{tag}", BF, [n, H])]
 
 
-def attn_node(tag="", t=1):
+def attn_node(tag="", t=1, past_len_dt=I64):
     names = [f"{x}{tag}" for x in attn_op.INPUTS]
     shapes = [["B", t, HQ, D], ["B", t, KVH, D], ["B", t, KVH, D], ["B", KVH, "P", D], ["B", KVH, "P", D], ["B"]]
     node = helper.make_node("CachedAttention", names, [f"out{tag}"], name=f"attn{tag}", domain="qcn", scale=D ** -0.5)
-    return node, [vi(x, I64 if x.startswith("past_len") else BF, s) for x, s in zip(names, shapes)], \
+    return node, [vi(x, past_len_dt if x.startswith("past_len") else BF, s) for x, s in zip(names, shapes)], \
         [vi(f"out{tag}", BF, ["B", t, HQ, D])]
 
 
@@ -171,96 +153,117 @@ def check_against_registry(lowered, original_shapes, reg):
 def test_all_three_lower_and_match_registered_descriptors(trt_stub):
     m = model_of(gdn_node(), moe_node(), attn_node())
     shapes = shapes_of(m)
-    report = P.lower_for_tensorrt(m)
-    assert report.counts() == {
-        "GatedDeltaNet": {"matched": 1, "rewritten": 1, "refused": 0, "plugin_nodes": 1},
-        "MoE": {"matched": 1, "rewritten": 1, "refused": 0, "plugin_nodes": 6},
-        "CachedAttention": {"matched": 1, "rewritten": 1, "refused": 0, "plugin_nodes": 2}}
-    assert not any(n.domain == "qcn" for n in m.graph.node) and not m.functions
-    ids = P.register_plugins(report, 89)
+    lowered, res = lower_all(m)
+    assert {op: counts(r) for op, r in res.items()} == {
+        "GatedDeltaNet": {"matched": 1, "rewritten": 1, "refused": 0, "new_nodes": 1},
+        "MoE": {"matched": 1, "rewritten": 1, "refused": 0, "new_nodes": 6},
+        "CachedAttention": {"matched": 1, "rewritten": 1, "refused": 0, "new_nodes": 2}}
+    assert not any(n.domain == "qcn" for n in lowered.graph.node) and not lowered.functions
+    ids = P.register_plugins(plugins_section(res), 89)
     from qcn.compile.plugins.gated_deltanet import trt_plugin as gdn_tp
     assert gdn_tp._registered == (89, None)  # the recipe's cc reached the GatedDeltaNet registration
-    used = check_against_registry(m, shapes, trt_stub)
-    assert used == set(ids) == {
+    used = check_against_registry(lowered, shapes, trt_stub)
+    assert used == set(ids) == set(used_plugins(res)) == {
         "qcn::GatedDeltaNet", "qcn_attn::decode_split_bf16", "qcn_attn::decode_reduce", "qcn_moe::router_logits",
         "qcn_moe::router_topk", "qcn_moe::align", "qcn_moe::prefill_gate_up_dense", "qcn_moe::prefill_down_dense",
         "qcn_moe::combine_sorted"}
     # registered: GDN 1, attention split_bf16 + reduce, MoE 5 + 4 for the dense format only
     assert len(trt_stub) == 1 + 2 + 9
+    # graph outputs keep their names (the runtime binds by name)
+    assert [o.name for o in lowered.graph.output] == [o.name for o in m.graph.output]
 
 
 def test_moe_decode_chain_when_tokens_static_and_small(trt_stub):
     m = model_of(moe_node(n=4))
     shapes = shapes_of(m)
-    report = P.lower_for_tensorrt(m)
-    assert report.counts()["MoE"] == {"matched": 1, "rewritten": 1, "refused": 0, "plugin_nodes": 5}
-    P.register_plugins(report, 90)
-    assert check_against_registry(m, shapes, trt_stub) >= {"qcn_moe::decode_gate_up_dense",
-                                                           "qcn_moe::decode_down_dense", "qcn_moe::combine_slots"}
+    lowered, res = lower_all(m)
+    assert counts(res["MoE"]) == {"matched": 1, "rewritten": 1, "refused": 0, "new_nodes": 5}
+    P.register_plugins(plugins_section(res), 90)
+    assert check_against_registry(lowered, shapes, trt_stub) >= {"qcn_moe::decode_gate_up_dense",
+                                                                 "qcn_moe::decode_down_dense", "qcn_moe::combine_slots"}
 
 
-@pytest.mark.parametrize("case", ["gdn_a_log_fp16", "gdn_dynamic_dv", "moe_int4", "attn_prefill_T"])
+def test_moe_decode_bound_is_the_kernels():
+    from qcn.compile.plugins.moe import launch as ops
+
+    assert DECODE_MAX_TOKENS == ops.DECODE_MAX_TOKENS
+
+
+@pytest.mark.parametrize("case", ["gdn_a_log_fp16", "gdn_dynamic_dv", "moe_int4", "moe_bad_shape", "attn_prefill_T",
+                                  "attn_fp32_past_len"])
 def test_must_not_lower(case):
     part, op, why = {"gdn_a_log_fp16": (gdn_node(a_log_dt=TensorProto.FLOAT16), "GatedDeltaNet", "A_log"),
                      "gdn_dynamic_dv": (gdn_node(dv="dyn"), "GatedDeltaNet", "not static"),
                      "moe_int4": (moe_node(fmt="int4"), "MoE", "weight_format"),
-                     "attn_prefill_T": (attn_node(t="T"), "CachedAttention", "T")}[case]
+                     "moe_bad_shape": (moe_node(e_router=E + 1), "MoE", "expected"),
+                     "attn_prefill_T": (attn_node(t="T"), "CachedAttention", "T"),
+                     "attn_fp32_past_len": (attn_node(past_len_dt=F32), "CachedAttention", "past_len")}[case]
     m = model_of(part)
     before = m.SerializeToString()
-    report = P.lower_for_tensorrt(m)
-    r = report.results[op]
-    assert r.counts() == {"matched": 1, "rewritten": 0, "refused": 1, "plugin_nodes": 0}
-    assert why in r.refused[0][1] and report.plugins == []
-    assert m.SerializeToString() == before  # node and function body untouched: the parser inlines it
+    lowered, res = lower_all(m)
+    r = res[op]
+    assert counts(r) == {"matched": 1, "rewritten": 0, "refused": 1, "new_nodes": 0}
+    assert why in r["refusals"][0]["reason"] and used_plugins(res) == []
+    assert lowered is m and m.SerializeToString() == before  # untouched: the parser inlines the body
 
 
 def test_attention_static_T_above_one_refused_and_mixed_graph():
     m = model_of(attn_node("_p", t=3), attn_node("_d", t=1), gdn_node())
-    r = P.lower_for_tensorrt(m)
-    assert r.counts()["CachedAttention"] == {"matched": 2, "rewritten": 1, "refused": 1, "plugin_nodes": 2}
-    assert "decode (T == 1) only" in r.results["CachedAttention"].refused[0][1]
-    assert [f.name for f in m.functions] == ["CachedAttention"]  # still used by the refused node
-    onnx.checker.check_model(m)
+    lowered, r = lower_all(m)
+    assert counts(r["CachedAttention"]) == {"matched": 2, "rewritten": 1, "refused": 1, "new_nodes": 2}
+    assert "decode (T == 1) only" in r["CachedAttention"]["refusals"][0]["reason"]
+    assert [f.name for f in lowered.functions] == ["CachedAttention"]  # still used by the refused node
+    onnx.checker.check_model(lowered)
 
 
 def test_second_node_with_other_config_is_refused():
     a = moe_node("_a")
     b = moe_node("_b")
     next(a for a in b[0].attribute if a.name == "top_k").i = 3  # plugins are registered with one top_k
-    m = model_of(a, b)
-    r = LowerMoE()(m)
-    assert r.counts() == {"matched": 2, "rewritten": 1, "refused": 1, "plugin_nodes": 6}
+    model = to_ir(model_of(a, b), "two moe")
+    r = apply(LowerMoE(), model)
+    assert r.counts() == {"matched": 2, "rewritten": 1, "refused": 1, "new_nodes": 6}
     assert "differs" in r.refused[0][1]
 
 
 def test_passes_return_counts_individually():
-    m = model_of(gdn_node(), attn_node())
-    assert LowerGatedDeltaNet()(m).counts()["rewritten"] == 1
-    assert LowerCachedAttention()(m).counts() == {"matched": 1, "rewritten": 1, "refused": 0, "plugin_nodes": 2}
-    assert LowerMoE()(m).counts() == {"matched": 0, "rewritten": 0, "refused": 0, "plugin_nodes": 0}
+    model = to_ir(model_of(gdn_node(), attn_node()), "g")
+    assert apply(LowerGatedDeltaNet(), model).counts()["rewritten"] == 1
+    assert apply(LowerCachedAttention(), model).counts() == {"matched": 1, "rewritten": 1, "refused": 0, "new_nodes": 2}
+    assert apply(LowerMoE(), model).counts() == {"matched": 0, "rewritten": 0, "refused": 0, "new_nodes": 0}
+    onnx.checker.check_model(to_proto(model))
 
 
-def test_prepare_full_tensorrt_and_rtx(trt_stub, tmp_path):
-    m = model_of(gdn_node(), moe_node(), attn_node("", t="T"))
-    path = tmp_path / "prefill.onnx"
-    onnx.save(m, str(path))
-    assert P.prepare("tensorrt_rtx", path, "12.0") is None  # no plugin path in TensorRT-RTX (FINDINGS)
-    pb = P.prepare("tensorrt", path, "9.0")
-    assert pb.cc == 90 and pb.plugins == sorted(pb.report.plugins) and "qcn::GatedDeltaNet" in pb.plugins
-    man = pb.manifest()
-    assert man["counts"]["CachedAttention"]["refused"] == 1 and man["refused"][0]["op"] == "CachedAttention"
-    lowered = onnx.load_from_string(pb.model_bytes)
-    onnx.checker.check_model(lowered)
-    assert {n.op_type for n in lowered.graph.node if n.domain == "qcn"} == {"CachedAttention"}
-    # same process, same cc and configs: registering again is a no-op; another cc is refused loudly
-    assert P.prepare("tensorrt", path, "9.0").plugins == pb.plugins
-    with pytest.raises(RuntimeError, match="already registered"):
-        P.register_plugins(P.lower_for_tensorrt(model_of(moe_node())), 80)
+@pytest.mark.parametrize("module", ["onnxruntime", "tensorrt_rtx"])
+def test_no_lowering_on_cpu_or_rtx(module):
+    m = model_of(gdn_node(), moe_node(), attn_node())
+    lowered, res = lower_all(m, module)
+    assert lowered is m
+    assert all(r == {"op_nodes": 1, "rewritten": 0} for r in res.values()), res
+    assert all(why for _, why in plan_for(module))
+
+
+def test_shape_inference_failure_is_an_error_not_a_weaker_check():
+    node, ins, outs = moe_node()
+    bad = helper.make_node("MatMul", [ins[0].name, "w3"], ["r"], name="broken")  # [N, 64] @ [3, 5]
+    g = helper.make_graph([node, bad], "g", ins + [vi("w3", BF, [3, 5])], outs + [vi("r", BF, None)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("qcn", 1)],
+                          functions=[moe_op.function_proto(OPSET)])
+    with pytest.raises(PassError, match="bad.onnx: ONNX shape inference failed"):
+        to_ir(m, "bad.onnx")
+
+
+def test_register_twice_same_config_is_a_no_op_other_cc_is_an_error(trt_stub):
+    _, res = lower_all(model_of(gdn_node(), moe_node()))
+    section = plugins_section(res)
+    assert P.register_plugins(section, 90) == P.register_plugins(section, 90)
+    with pytest.raises(P.PluginRegistrationError, match="already registered"):
+        P.register_plugins(section, 80)
 
 
 @pytest.fixture(scope="module")
 def tiny_prefill(tmp_path_factory):
-    """A real exported prefill graph (module scope: compiled before the tensorrt stub exists)."""
+    """A real exported prefill graph."""
     from qcn.compile.export.tiny import TINY_SPECS, write_tiny_checkpoint
     from qcn.compile.pipeline import compile_recipe
     from qcn.compile.recipe import Recipe, RuntimeOptions
@@ -273,17 +276,21 @@ def tiny_prefill(tmp_path_factory):
 
 def test_exported_tiny_graph(tiny_prefill, trt_stub):
     m = onnx.load(str(tiny_prefill), load_external_data=False)
-    report = P.lower_for_tensorrt(m)
-    c = report.counts()
+    lowered, res = lower_all(m)
+    c = {op: counts(r) for op, r in res.items()}
     # T is dynamic in prefill.onnx: attention (decode kernels only) stays inlined; the others lower
     assert c["CachedAttention"]["rewritten"] == 0 and c["CachedAttention"]["refused"] == c["CachedAttention"]["matched"]
-    assert c["GatedDeltaNet"]["refused"] == 0 and c["GatedDeltaNet"]["rewritten"] >= 1, report.to_dict()["refused"]
-    assert c["MoE"]["refused"] == 0 and c["MoE"]["rewritten"] >= 1, report.to_dict()["refused"]
-    P.register_plugins(report, 89)
-    assert {p.split("::")[0] for p in report.plugins} == {"qcn", "qcn_moe"}
+    assert c["GatedDeltaNet"]["refused"] == 0 and c["GatedDeltaNet"]["rewritten"] >= 1, res
+    assert c["MoE"]["refused"] == 0 and c["MoE"]["rewritten"] >= 1, res
+    P.register_plugins(plugins_section(res), 89)
+    assert {p.split("::")[0] for p in used_plugins(res)} == {"qcn", "qcn_moe"}
+    assert [i.name for i in lowered.graph.input] == [i.name for i in m.graph.input]
+    assert [o.name for o in lowered.graph.output] == [o.name for o in m.graph.output]
     # topological and SSA (the checker itself wants weights.bin beside the model)
-    known = {v.name for v in m.graph.input} | {i.name for i in m.graph.initializer}
-    for n in m.graph.node:
+    known = {v.name for v in lowered.graph.input} | {i.name for i in lowered.graph.initializer}
+    for n in lowered.graph.node:
         assert all(i in known or i == "" for i in n.input), n.name
         assert not known & set(n.output), n.name
         known |= set(n.output)
+    # the weights stay external references to the export's weights.bin
+    assert {e.value for i in lowered.graph.initializer for e in i.external_data if e.key == "location"} == {"weights.bin"}

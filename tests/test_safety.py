@@ -158,10 +158,10 @@ def test_same_shape_retrain_rebuilds_and_a_noop_reads_nothing(ckpt, tmp_path):
     mine = _copy(ckpt, tmp_path / "ckpt")
     out = tmp_path / "out"
     recipe = _recipe(mine, out)
-    assert run_pipeline(recipe).ran == ["export"]
+    assert run_pipeline(recipe).ran == ["export", "passes"]
     weights = sha256_file(out / "weights.bin")
     cache = HashCache(art_mod.default_cache_path())
-    assert run_pipeline(recipe, hash_cache=cache).skipped == ["export"]
+    assert run_pipeline(recipe, hash_cache=cache).skipped == ["export", "passes"]
     assert cache.hashed_bytes == 0, "a no-op recompile re-read files it had hashed"
 
     # retrain in place: same shapes, new weights, written over the same files; mtimes put back
@@ -176,7 +176,7 @@ def test_same_shape_retrain_rebuilds_and_a_noop_reads_nothing(ckpt, tmp_path):
             f.write(data)
         os.utime(mine / name, ns=(st.st_atime_ns, st.st_mtime_ns))
     result = run_pipeline(recipe)
-    assert result.ran == ["export"], "a same-shape retrain was taken as up to date"
+    assert result.ran == ["export", "passes"], "a same-shape retrain was taken as up to date"
     assert sha256_file(out / "weights.bin") != weights
     m = json.loads((out / "manifest.json").read_text())
     assert m["checkpoint"]["files_sha256"] == {p.name: sha256_file(p) for p in
@@ -212,9 +212,12 @@ def _start_compile(tmp_path: Path, ckpt: Path, out: Path) -> subprocess.Popen:
 
 
 def _wait_for_tmp(proc: subprocess.Popen, parent: Path, timeout: float = 120) -> Path:
+    """The first temporary directory of the compile: the export's, in <out>.stages/ (the cpu
+    artifact, <out>, is the passes stage's)."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
-        tmps = [p for p in parent.iterdir() if p.name.startswith(art_mod.TMP_PREFIX)] if parent.exists() else []
+        tmps = [p for d in (parent, parent / "out.stages") if d.exists() for p in d.iterdir()
+                if p.name.startswith(art_mod.TMP_PREFIX)]
         if tmps:
             return tmps[0]
         if proc.poll() is not None:
@@ -230,7 +233,7 @@ def test_signal_mid_compile_exits_cleanly_and_leaves_nothing(ckpt, tmp_path, sig
     parent = tmp_path / "arts"
     proc = _start_compile(tmp_path, ckpt, parent / "out")
     tmp = _wait_for_tmp(proc, parent)
-    assert tmp.name.startswith(f".qcn-tmp-out-{proc.pid}-")  # visibly qcn's, and whose
+    assert tmp.name.startswith(f".qcn-tmp-export-{proc.pid}-")  # visibly qcn's, and whose
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
@@ -246,11 +249,12 @@ def test_sigkill_leftovers_are_removed_by_the_next_compile(ckpt, tmp_path, caplo
     (tmp / "partial.bin").write_bytes(b"\0" * 5000)
     proc.kill()
     proc.wait(timeout=60)
-    left = _qcn_leftovers(parent)
+    left = _qcn_leftovers(tmp.parent)  # <out>.stages: the export's temporary directory
     assert tmp.name in left and any(n.startswith(art_mod.LOCK_PREFIX) for n in left)
     with caplog.at_level(logging.WARNING, logger="qcn.compile.artifacts"):
-        assert run_pipeline(_recipe(ckpt, parent / "out")).ran == ["export"]
-    assert _qcn_leftovers(parent) == [] and (parent / "out" / "manifest.json").is_file()
+        assert run_pipeline(_recipe(ckpt, parent / "out")).ran == ["export", "passes"]
+    assert _qcn_leftovers(tmp.parent) == [] and _qcn_leftovers(parent) == []
+    assert (parent / "out" / "manifest.json").is_file()
     assert any(tmp.name in r.getMessage() and "5.0 KB" in r.getMessage() for r in caplog.records), caplog.text
 
 

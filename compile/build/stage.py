@@ -16,6 +16,7 @@ import dataclasses
 import datetime
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 
 from qcn.artifact import (ArtifactError, BuildSection, GraphSpec, Manifest, NetworkIO, OnnxSource, ProfileSpec,
@@ -44,24 +45,28 @@ def export_identity(recipe_dict: dict) -> dict:
 
 
 def load_onnx_dir(onnx_dir: Path, recipe: Recipe) -> Manifest:
-    """The manifest of an export/passes directory, after checking it is whole and this recipe's."""
+    """The manifest of a passes directory, after checking it is whole and this recipe's."""
     mpath = Path(onnx_dir) / "manifest.json"
     if not mpath.is_file():
-        raise OnnxMismatchError(f"{onnx_dir}: no manifest.json; run the export stage first "
-                                f"(qcn-compile {recipe.source or 'RECIPE'} --until export)")
+        raise OnnxMismatchError(f"{onnx_dir}: no manifest.json; run the passes stage first "
+                                f"(qcn-compile {recipe.source or 'RECIPE'} --until passes)")
     try:
         m = read_manifest(onnx_dir, verify_hashes=False, require_files=False)
     except ArtifactError as e:
-        raise OnnxMismatchError(f"{e}; re-run the export stage") from None
-    if m.stage not in ("export", "passes"):
-        raise OnnxMismatchError(f"{mpath}: stage {m.stage!r}; the build stage reads an export or passes directory")
+        raise OnnxMismatchError(f"{e}; re-run the passes stage") from None
+    if m.stage != "passes" or m.passes is None:
+        raise OnnxMismatchError(f"{mpath}: stage {m.stage!r}; the build stage reads a passes directory "
+                                f"(qcn-compile {recipe.source or 'RECIPE'} --until passes)")
+    if m.passes.module != recipe.target_info.module:
+        raise OnnxMismatchError(f"{onnx_dir}: its passes ran for {m.passes.module!r}, target "
+                                f"{recipe.target!r} needs {recipe.target_info.module!r}: re-run the passes stage")
     graph = m.graph(SOURCE_GRAPH).file
     for rel, digest in m.files.items():
         p = Path(onnx_dir) / rel
         if not p.is_file():
-            raise OnnxMismatchError(f"{p}: missing (listed in {mpath}); re-run the export stage")
+            raise OnnxMismatchError(f"{p}: missing (listed in {mpath}); re-run the passes stage")
         if rel in (graph, "weights.bin") and sha256_file(p) != digest:
-            raise OnnxMismatchError(f"{p}: sha256 differs from {mpath}; the ONNX was modified, re-run the export stage")
+            raise OnnxMismatchError(f"{p}: sha256 differs from {mpath}; the ONNX was modified, re-run the passes stage")
     recipe_had = m.recipe or {}
     want, have = export_identity(recipe.to_dict()), export_identity(to_json(recipe_had))
     if want != have:
@@ -98,16 +103,16 @@ def build_stage(recipe: Recipe, onnx_dir: Path, out: Path, *, module_version: st
     profiles = trtb.make_profiles(recipe.profile_mode, to_json(source_graph.inputs),
                                   prefill_chunk=rt.prefill_chunk, max_batch=rt.max_batch, max_context=rt.max_context)
     old_cache = Path(out) / TIMING_CACHE
-    config = trtb.CreateConfig(profiles, workspace_gib=recipe.build.workspace_gib,
-                               optimization_level=recipe.build.optimization_level,
-                               compute_capabilities=recipe.compute_capabilities if target.module == "tensorrt_rtx" else (),
-                               hardware_compatibility=recipe.build.hardware_compatibility,
-                               timing_cache=old_cache.read_bytes() if old_cache.is_file() else None)
-    plugin_build = None
-    if target.module == "tensorrt":  # full TensorRT only: qcn nodes -> AOT plugins (tensorrt_rtx has none)
-        from .plugins import prepare
-        plugin_build = prepare(target.module, onnx_path, target.compute_capability)
-    network_loader = trtb.NetworkFromOnnxPath(trt, onnx_path, model=plugin_build.model_bytes if plugin_build else None)
+    config = trtb.create_config(trt, profiles, workspace_gib=recipe.build.workspace_gib,
+                                optimization_level=recipe.build.optimization_level,
+                                compute_capabilities=recipe.compute_capabilities if target.module == "tensorrt_rtx" else (),
+                                hardware_compatibility=recipe.build.hardware_compatibility,
+                                timing_cache=old_cache if old_cache.is_file() else None)
+    plugins: list[str] = []
+    if src.passes.plugins:  # full TensorRT: the passes stage lowered qcn nodes to AOT plugins
+        from .plugins import cc_int, register_plugins
+        plugins = register_plugins(to_json(src.passes.plugins), cc_int(target.compute_capability))
+    network_loader = trtb.NetworkFromOnnxPath(trt, onnx_path)
     io_box: dict = {}
 
     def network_and_check():
@@ -115,10 +120,13 @@ def build_stage(recipe: Recipe, onnx_dir: Path, out: Path, *, module_version: st
         io_box["io"] = trtb.network_io(trt, network)
         io_box["duplicate_names"] = logger.duplicate_names
         check_io(io_box["io"], source_graph, str(onnx_path))
+        trtb.check_profiles(network, profiles)
         return builder, network, parser, logger
 
-    engine_loader = trtb.EngineBytesFromNetwork(network_and_check, config)
-    engine = engine_loader(trt)
+    with tempfile.TemporaryDirectory(prefix="qcn-build-") as scratch:
+        new_cache = Path(scratch) / TIMING_CACHE if target.module == "tensorrt" else None
+        engine, seconds = trtb.engine_bytes(trt, network_and_check, config, save_timing_cache=new_cache)
+        cache = new_cache.read_bytes() if new_cache is not None and new_cache.is_file() else None
     header = parse_header(engine)
     version = module_version or trt.__version__
     if header is not None:
@@ -126,11 +134,10 @@ def build_stage(recipe: Recipe, onnx_dir: Path, out: Path, *, module_version: st
             raise trtb.BuildError(f"engine header says {header.size} bytes, the build returned {len(engine)}")
         if not version.startswith(header.version):
             raise trtb.BuildError(f"engine header says TensorRT-RTX {header.version}, the module is {version}")
-    log.info("built %s for %s in %.1fs (%.1f MB)", ENGINE, recipe.target, engine_loader.seconds, len(engine) / 1e6)
+    log.info("built %s for %s in %.1fs (%.1f MB)", ENGINE, recipe.target, seconds, len(engine) / 1e6)
 
     with atomic_dir(out, force=force, protect=[recipe.checkpoint]) as tmp:
         (tmp / ENGINE).write_bytes(engine)
-        cache = trtb.timing_cache_bytes(config)
         if cache:
             (tmp / TIMING_CACHE).write_bytes(cache)
         for f in src.tokenizer.files:
@@ -152,13 +159,12 @@ def build_stage(recipe: Recipe, onnx_dir: Path, out: Path, *, module_version: st
             # deserialized without a GPU (FINDINGS.md)
             io=from_json(NetworkIO, io_box["io"], "network io"), io_source="network",
             # tensorrt_rtx: none, qcn ops are inlined from their ONNX function bodies
-            plugins=tuple(plugin_build.plugins) if plugin_build else (),
-            plugin_lowering=plugin_build.manifest() if plugin_build else None,
+            plugins=tuple(plugins),
             onnx=OnnxSource(graph=onnx_path.name, sha256=src.files[onnx_path.name],
                             weights_sha256=src.files.get("weights.bin"), stage=src.stage),
             timing_cache=TIMING_CACHE if cache else None,
             runtime_cache=RUNTIME_CACHE if target.module == "tensorrt_rtx" else None,
-            build_seconds=round(engine_loader.seconds, 2),
+            build_seconds=round(seconds, 2),
             budget=budget,
         )
         manifest = dataclasses.replace(

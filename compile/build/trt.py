@@ -1,16 +1,28 @@
 """One build path over `tensorrt` (full TensorRT) and `tensorrt_rtx`: the same API family,
-imported lazily by name. Small composable loaders in Polygraphy's style: each is a callable
-that produces one thing (module, network, config, engine bytes) from the previous one.
+imported lazily by name, built with Polygraphy's loaders: ``CreateConfig`` / ``CreateConfigRTX``
+and ``EngineBytesFromNetwork`` (:func:`create_config`, :func:`engine_bytes`).
+
+Kept here, each for one reason:
+- :func:`import_module`: the recipe's target names the module; Polygraphy picks one per process
+  from POLYGRAPHY_USE_TENSORRT_RTX, which :func:`polygraphy_backend` sets from the target.
+- :class:`NetworkFromOnnxPath`: Polygraphy's raises a bare "Failed to parse ONNX model" and only
+  logs the parser's errors; ours puts each error's node, op and function stack in the BuildError.
+- :func:`check_profiles`: Polygraphy fills missing profile shapes with defaults; a qcn profile
+  that names an input the network lacks, or misses a dynamic one, is a bug and says so.
+- :class:`CollectingLogger`: the TensorRT ILogger that routes messages to Python logging and
+  keeps errors for the BuildError (Polygraphy's own logger is switched to Python logging).
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import sys
 import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from ...errors import QcnError
 from ..recipe import RecipeError
@@ -126,7 +138,6 @@ class NetworkFromOnnxPath:
     trt: Any
     path: Path
     logger: Any = None
-    model: bytes | None = None  # full TensorRT: the plugin-lowered ONNX (build/plugins.py); path locates its weights
 
     def __call__(self):
         trt = self.trt
@@ -137,7 +148,7 @@ class NetworkFromOnnxPath:
         if not Path(self.path).is_file():
             raise BuildError(f"{self.path}: ONNX file not found")
         t0 = time.perf_counter()
-        ok = parser.parse(self.model, str(self.path)) if self.model is not None else parser.parse_from_file(str(self.path))
+        ok = parser.parse_from_file(str(self.path))
         if not ok or parser.num_errors:
             errs = []
             for i in range(parser.num_errors):
@@ -160,72 +171,88 @@ def network_io(trt, network) -> dict[str, list[dict]]:
             "outputs": [one(network.get_output(i)) for i in range(network.num_outputs)]}
 
 
-@dataclass
-class CreateConfig:
-    """Builder config from build options: memory pool, optimization level, profiles,
-    compute capabilities (RTX) or hardware compatibility (full), timing cache (full)."""
+def polygraphy_backend(module: str):
+    """Polygraphy's TensorRT backend bound to ``module`` (tensorrt or tensorrt_rtx). Polygraphy
+    binds one module per process when polygraphy.backend.trt is first imported."""
+    import polygraphy.config as pcfg
 
-    profiles: Sequence[Profile]
-    workspace_gib: float = 2.0
-    optimization_level: int = 3
-    compute_capabilities: Sequence[str] = ()
-    hardware_compatibility: str = "none"
-    timing_cache: bytes | None = None  # full TensorRT: the previous build's cache
-    state: dict = field(default_factory=dict)  # out: the ITimingCache object after build
+    want = module == "tensorrt_rtx"
+    if "polygraphy.backend.trt" in sys.modules and pcfg.USE_TENSORRT_RTX != want:
+        bound = "tensorrt_rtx" if pcfg.USE_TENSORRT_RTX else "tensorrt"
+        raise BuildError(f"Polygraphy is bound to {bound} in this process (one TensorRT module per process); "
+                         f"build the {module} target in a new process")
+    pcfg.USE_TENSORRT_RTX = want
+    from polygraphy.backend import trt as ptrt
+    from polygraphy.logger import G_LOGGER
 
-    def __call__(self, trt, builder, network):
-        config = builder.create_builder_config()
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(self.workspace_gib * GIB))
-        config.builder_optimization_level = self.optimization_level
-        inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
-        for prof in self.profiles:
-            unknown = sorted(set(prof.shapes) - set(inputs))
-            if unknown:
-                raise BuildError(f"profile {prof.name!r} names input(s) {unknown} that the network does not have; "
-                                 f"the network's inputs are {list(inputs)}")
-            missing = [n for n, t in inputs.items() if any(d < 0 for d in t.shape) and n not in prof.shapes]
-            if missing:
-                raise BuildError(f"profile {prof.name!r} gives no shape for dynamic input(s) {missing}; "
-                                 f"the network's inputs are {list(inputs)}")
-            p = builder.create_optimization_profile()
-            for name, (lo, opt, hi) in prof.shapes.items():
-                if len(lo) != len(inputs[name].shape):
-                    raise BuildError(f"profile {prof.name!r}: {name!r} has rank {len(inputs[name].shape)} "
-                                     f"{list(inputs[name].shape)} in the network, the profile gives {list(lo)}")
-                p.set_shape(name, lo, opt, hi)
-            if config.add_optimization_profile(p) < 0:
-                raise BuildError(f"{trt.__name__} rejected optimization profile {prof.name!r}: {prof.to_dict()}")
-        if trt.__name__ == "tensorrt_rtx":
-            config.num_compute_capabilities = len(self.compute_capabilities)
-            for i, cc in enumerate(self.compute_capabilities):
-                config.set_compute_capability(getattr(trt.ComputeCapability, "SM" + cc.replace(".", "")), i)
-        else:
-            config.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel, self.hardware_compatibility.upper())
-            cache = config.create_timing_cache(self.timing_cache or b"")
-            config.set_timing_cache(cache, False)
-            self.state["timing_cache"] = cache
-        return config
+    if not G_LOGGER.use_python_logging_system:  # its messages go to logging ("Polygraphy"), not stdout
+        G_LOGGER.use_python_logging_system = True
+        G_LOGGER.module_severity = G_LOGGER.WARNING
+    return ptrt
 
 
-@dataclass
-class EngineBytesFromNetwork:
-    """Serialized engine bytes from a network loader and a config loader."""
+def check_profiles(network, profiles: Sequence[Profile]) -> None:
+    """Every profile gives shapes for exactly the network's dynamic inputs, with their ranks."""
+    inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
+    for prof in profiles:
+        unknown = sorted(set(prof.shapes) - set(inputs))
+        if unknown:
+            raise BuildError(f"profile {prof.name!r} names input(s) {unknown} that the network does not have; "
+                             f"the network's inputs are {list(inputs)}")
+        missing = [n for n, t in inputs.items() if any(d < 0 for d in t.shape) and n not in prof.shapes]
+        if missing:
+            raise BuildError(f"profile {prof.name!r} gives no shape for dynamic input(s) {missing}; "
+                             f"the network's inputs are {list(inputs)}")
+        for name, (lo, _, _) in prof.shapes.items():
+            if len(lo) != len(inputs[name].shape):
+                raise BuildError(f"profile {prof.name!r}: {name!r} has rank {len(inputs[name].shape)} "
+                                 f"{list(inputs[name].shape)} in the network, the profile gives {list(lo)}")
 
-    network: Callable
-    config: CreateConfig
-    seconds: float = 0.0
 
-    def __call__(self, trt) -> bytes:
-        builder, network, parser, logger = self.network()
-        config = self.config(trt, builder, network)
-        t0 = time.perf_counter()
-        serialized = builder.build_serialized_network(network, config)
-        self.seconds = time.perf_counter() - t0
-        if serialized is None:
-            raise BuildError(f"{trt.__name__} failed to build the engine:\n  " + "\n  ".join(logger.errors() or ["(no message)"]))
-        return bytes(serialized)
+def create_config(trt, profiles: Sequence[Profile], *, workspace_gib: float = 2.0, optimization_level: int = 3,
+                  compute_capabilities: Sequence[str] = (), hardware_compatibility: str = "none",
+                  timing_cache: Path | None = None):
+    """Polygraphy's config loader for the module: CreateConfigRTX (compute capabilities) for
+    tensorrt_rtx, CreateConfig (hardware compatibility, timing cache) for full TensorRT."""
+    ptrt = polygraphy_backend(trt.__name__)
+    pprofiles = []
+    for prof in profiles:
+        pp = ptrt.Profile()
+        for name, (lo, opt, hi) in prof.shapes.items():
+            pp.add(name, min=lo, opt=opt, max=hi)
+        pprofiles.append(pp)
+    common = dict(profiles=pprofiles, builder_optimization_level=optimization_level,
+                  memory_pool_limits={trt.MemoryPoolType.WORKSPACE: int(workspace_gib * GIB)})
+    if trt.__name__ == "tensorrt_rtx":
+        from polygraphy.backend.tensorrt_rtx import CreateConfigRTX
+
+        ccs = [tuple(int(x) for x in cc.split(".")) for cc in compute_capabilities]
+        return CreateConfigRTX(compute_capabilities=ccs or None, **common)
+    level = getattr(trt.HardwareCompatibilityLevel, hardware_compatibility.upper())
+    return ptrt.CreateConfig(hardware_compatibility_level=level,
+                             load_timing_cache=str(timing_cache) if timing_cache else None, **common)
 
 
-def timing_cache_bytes(config: CreateConfig) -> bytes | None:
-    cache = config.state.get("timing_cache")
-    return bytes(cache.serialize()) if cache is not None else None
+def engine_bytes(trt, network, config, *, save_timing_cache: Path | None = None) -> tuple[bytes, float]:
+    """(serialized engine, build seconds) with Polygraphy's EngineBytesFromNetwork; ``network``
+    is a loader returning (builder, network, parser, logger). A failed build is a BuildError
+    carrying TensorRT's error messages."""
+    from polygraphy.exception import PolygraphyException
+
+    ptrt = polygraphy_backend(trt.__name__)
+    box = {}
+
+    def net():
+        box["ret"] = network()
+        return box["ret"][:3]
+
+    t0 = time.perf_counter()
+    try:
+        with warnings.catch_warnings():  # Polygraphy sets a timing cache that TensorRT-RTX ignores (and says so)
+            warnings.filterwarnings("ignore", message=".*Timing cache operations are no-ops", category=DeprecationWarning)
+            data = ptrt.EngineBytesFromNetwork(net, config, save_timing_cache=str(save_timing_cache)
+                                               if save_timing_cache else None)()
+    except PolygraphyException as e:
+        errors = box["ret"][3].errors() if "ret" in box else []
+        raise BuildError(f"{trt.__name__} failed to build the engine:\n  " + "\n  ".join(errors or [str(e)])) from e
+    return bytes(data), time.perf_counter() - t0

@@ -18,16 +18,14 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from ..plugins.attention.op import OP as ATTENTION
-from ..plugins.gated_deltanet.op import OP as GATED_DELTANET
-from ..plugins.moe.op import OP as MOE
 from ..plugins.onnx_function import DOMAIN, DOMAIN_VERSION
+from ..plugins.registry import OPS
 from .config import ModelConfig
 from .modeling import QcnModel, RopeTables
 
 log = logging.getLogger(__name__)
 
-QCN_OPS = (GATED_DELTANET, MOE, ATTENTION)
+QCN_OPS = tuple(e.export for e in OPS)  # the op registry's rows (plugins/registry.py)
 WEIGHTS_FILE = "weights.bin"
 GRAPHS = ("prefill", "decode")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -1,5 +1,5 @@
-"""Pass: ``qcn::GatedDeltaNet`` -> the ``qcn::GatedDeltaNet`` AOT plugin of
-``plugins/gated_deltanet/trt_plugin.py`` (full TensorRT >= 10.9 only).
+"""Pass ``lower_gated_deltanet``: ``qcn::GatedDeltaNet`` -> the ``qcn::GatedDeltaNet`` AOT plugin
+of ``plugins/gated_deltanet/trt_plugin.py`` (full TensorRT >= 10.9 only).
 
 One node in, one plugin node out: op_type ``GatedDeltaNet``, plugin_namespace ``qcn``, the
 same 10 inputs and 3 outputs in the same order (qkv, z, b, a, conv_weight, A_log, dt_bias,
@@ -18,50 +18,55 @@ NOT EXECUTED: no full TensorRT here; the plugin node has been checked only again
 
 from __future__ import annotations
 
-from onnx import TensorProto
+import onnx_ir as ir
 
-from ._lowering import ACT_DTYPES, Check, LoweringPass, attr, plugin_node, static_dims
+from .base import ACT_DTYPES, QcnRule, attr, dims, plugin_op, refuse
 
 PLUGIN_NAMESPACE = "qcn"
 PLUGIN_NAME = "GatedDeltaNet"
+NAMES = ("qkv", "z", "b", "a", "conv_weight", "A_log", "dt_bias", "norm_weight", "conv_state", "recurrent_state")
 ACT_INPUTS = ("qkv", "z", "b", "a", "conv_weight", "dt_bias", "norm_weight", "conv_state")
 
 
-class LowerGatedDeltaNet(LoweringPass):
-    op_type = "GatedDeltaNet"
-    name = "lower_gated_deltanet"
+class LowerGatedDeltaNet(QcnRule):
+    pass_name = "lower_gated_deltanet"
+    root_op = "GatedDeltaNet"
 
-    def check(self, node, ctx) -> Check:
-        if len(node.input) != 10 or len(node.output) != 3 or not all(node.input) or not all(node.output):
-            return Check.refuse("needs all 10 inputs and 3 outputs")
-        hk = attr(node, "num_k_heads")
+    def pattern(self, op, qkv, z, b, a, conv_weight, A_log, dt_bias, norm_weight, conv_state, recurrent_state):
+        return op.GatedDeltaNet(qkv, z, b, a, conv_weight, A_log, dt_bias, norm_weight, conv_state, recurrent_state,
+                                _domain="qcn", _outputs=3)
+
+    def check_node(self, context, **values):
+        hk = attr(context.root, "num_k_heads")
         if not isinstance(hk, int) or hk <= 0:
-            return Check.refuse(f"num_k_heads={hk!r}")
-        info = dict(zip(("qkv", "z", "b", "a", "conv_weight", "A_log", "dt_bias", "norm_weight", "conv_state",
-                         "recurrent_state"), (ctx.get(n) for n in node.input)))
-        act = info["qkv"].dtype
+            return refuse(f"num_k_heads={hk!r}")
+        act = values["qkv"].dtype
         if act not in ACT_DTYPES:
-            return Check.refuse(f"activation dtype {act} is not bf16/fp16/fp32")
-        odd = [n for n in ACT_INPUTS if info[n].dtype != act]
+            return refuse(f"activation dtype {act} is not bf16/fp16/fp32")
+        odd = [n for n in ACT_INPUTS if values[n].dtype != act]
         if odd:
-            return Check.refuse(f"inputs {odd} do not have the activation dtype {ACT_DTYPES[act]}")
+            return refuse(f"inputs {odd} do not have the activation dtype {ACT_DTYPES[act]}")
         for n in ("A_log", "recurrent_state"):
-            if info[n].dtype != TensorProto.FLOAT:
-                return Check.refuse(f"{n} must be float32 (the kernels' state/A_log type)")
-        qkv = static_dims(info["qkv"], 3, "qkv", (2,))
-        z = static_dims(info["z"], 4, "z", (2, 3))
-        cw = static_dims(info["conv_weight"], 2, "conv_weight", (0, 1))
-        for s in (qkv, z, cw):
-            if isinstance(s, str):
-                return Check.refuse(s)
-        c, hv, dv, kconv = qkv[2], z[2], z[3], cw[1]
+            if values[n].dtype != ir.DataType.FLOAT:
+                return refuse(f"{n} must be float32 (the kernels' state/A_log type), got {values[n].dtype}")
+        shapes = [dims(values["qkv"], 3, "qkv", (2,)), dims(values["z"], 4, "z", (2, 3)),
+                  dims(values["conv_weight"], 2, "conv_weight", (0, 1))]
+        for s in shapes:
+            if not isinstance(s, tuple):
+                return s
+        qkv, z, cw = shapes
+        c, hv, dv = qkv[2], z[2], z[3]
         if cw[0] != c:
-            return Check.refuse(f"conv_weight has {cw[0]} channels, qkv {c}")
+            return refuse(f"conv_weight has {cw[0]} channels, qkv {c}")
         if c - hv * dv <= 0 or (c - hv * dv) % (2 * hk) or hv % hk:
-            return Check.refuse(f"C={c} is not 2*Hk*Dk + Hv*Dv with Hk={hk} dividing Hv={hv} (Dv={dv})")
-        return Check(True, config={"act": ACT_DTYPES[act]})
+            return refuse(f"C={c} is not 2*Hk*Dk + Hv*Dv with Hk={hk} dividing Hv={hv} (Dv={dv})")
+        return {"act": ACT_DTYPES[act]}
 
-    def rewrite(self, node, ctx, config):
-        n = plugin_node(PLUGIN_NAME, PLUGIN_NAMESPACE, node.input, node.output, node.name or ctx.fresh("gdn_plugin"),
-                        num_k_heads=int(attr(node, "num_k_heads")), norm_eps=float(attr(node, "norm_eps", 1e-6)))
-        return [n], {f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"}
+    def rewrite(self, op, qkv, z, b, a, conv_weight, A_log, dt_bias, norm_weight, conv_state, recurrent_state,
+                **_):
+        node = self._root
+        outs = plugin_op(op, PLUGIN_NAME, PLUGIN_NAMESPACE,
+                         [qkv, z, b, a, conv_weight, A_log, dt_bias, norm_weight, conv_state, recurrent_state],
+                         outputs=3, num_k_heads=int(attr(node, "num_k_heads")),
+                         norm_eps=float(attr(node, "norm_eps", 1e-6)))
+        return self.count_rewrite(op, outs, {f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"})

@@ -9,18 +9,10 @@ kernels to PTX in a subprocess started when the module's tests start; QCN_AOT_AL
 compiles for every target.
 """
 
-import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
-
-import importlib  # noqa: E402
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
+from aot_run import aot_background, require_interpreter
 
 pytest.importorskip("triton")
 
@@ -30,20 +22,12 @@ from qcn.compile.plugins.attention import (  # noqa: E402
     cached_attention_reference,
 )
 from qcn.compile.plugins.attention import kernels as attn_kernels  # noqa: E402
-from qcn.compile.plugins.attention import ops as attn_ops  # noqa: E402
+from qcn.compile.plugins.attention import launch as attn_ops  # noqa: E402
 
-if not type(attn_kernels._attn_decode_split_kernel).__name__.startswith("Interp"):
-    importlib.reload(attn_kernels)  # imported earlier without the interpreter
+require_interpreter(attn_kernels._attn_decode_split_kernel)
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 CFG = DecodeAttentionConfig(partition=32, block_n=16, block_s=2)  # P=130: 5 splits, 2 blocks each
-
-
-@pytest.fixture
-def seed():
-    s = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(s)
-    return s
 
 
 @pytest.fixture(autouse=True)
@@ -128,7 +112,8 @@ def test_custom_scale_and_errors(seed):
 
 _AOT_SCRIPT = r"""
 import json, sys
-from qcn.compile.plugins.attention.aot import TARGETS, attention_kernel_specs, compile_spec, verify_ptx
+from qcn.compile.plugins._triton import TARGETS, compile_spec, verify_ptx
+from qcn.compile.plugins.attention.aot import attention_kernel_specs
 names = [s.name for s in attention_kernel_specs()]
 if sys.argv[1] == "1":
     plan = [(n, cc) for cc in TARGETS for n in names]
@@ -145,28 +130,9 @@ for name, cc in plan:
 
 # TensorRT plugin plumbing against a stub of tensorrt.plugin (see test_moe_kernels.py)
 import inspect, types, typing
-REG = {}
-class TensorDesc:
-    def __init__(self, shape, dtype=None):
-        self.shape_expr, self.dtype = list(shape), dtype
-    def like(self):
-        return TensorDesc(self.shape_expr, self.dtype)
-class SymExprs: pass
-class SymIntExprs(SymExprs):
-    from_tuple = staticmethod(list)
-class KernelLaunchParams: pass
-def deco(kind):
-    return lambda pid: (lambda f: REG.setdefault(pid, {}).__setitem__(kind, f) or f)
-trt = types.ModuleType("tensorrt")
-trtp = types.ModuleType("tensorrt.plugin")
-for n in ("float32", "float16", "bfloat16", "int32", "int64", "uint8"):
-    setattr(trt, n, n)
-trt.plugin = trtp
-trtp.__dict__.update(TensorDesc=TensorDesc, SymExprs=SymExprs, SymIntExprs=SymIntExprs, SymInt32=int,
-                     KernelLaunchParams=KernelLaunchParams, cdiv=lambda a, b: -(-a // b),
-                     from_shape_expr=lambda shape, dtype: TensorDesc(shape, dtype),
-                     AutoTuneCombination=lambda types, layouts: types,
-                     register=deco("desc"), autotune=deco("autotune"), aot_impl=deco("aot"))
+sys.path.insert(0, sys.argv[2])  # tests/: the one tensorrt.plugin stub
+from trt_stub import SymExprs, TensorDesc, make_trt_stub
+trt, trtp, REG = make_trt_stub()
 sys.modules.update({"tensorrt": trt, "tensorrt.plugin": trtp})
 from qcn.compile.plugins.attention import trt_plugin as tp
 tp.register_attention_plugins(cc=89)
@@ -195,29 +161,11 @@ rows.append(dict(spec="trt_plugin_stub", plugins=sorted(REG)))
 print(json.dumps(rows))
 """
 
-_aot_proc = {}
+aot_run = aot_background(_AOT_SCRIPT, "attn")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _aot_background(request):
-    if any(item.name == "test_aot_ptx_compiles" and item.module is request.module for item in request.session.items):
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="qcn_aot_attn_")
-        _aot_proc["p"] = subprocess.Popen(
-            [sys.executable, "-c", _AOT_SCRIPT, os.environ.get("QCN_AOT_ALL_TARGETS", "0")],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    yield
-    p = _aot_proc.pop("p", None)
-    if p is not None and p.poll() is None:
-        p.kill()
-
-
-def test_aot_ptx_compiles(record_property):
-    p = _aot_proc.get("p")
-    assert p is not None
-    out, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err[-4000:]
-    rows = json.loads(out.strip().splitlines()[-1])
+def test_aot_ptx_compiles(aot_run, record_property):
+    rows = aot_run.rows(timeout=600)
     stub = rows.pop()
     assert stub["spec"] == "trt_plugin_stub" and len(stub["plugins"]) == 3, stub
     assert {r["spec"] for r in rows} >= {"attn_decode_split_bf16_kvbf16", "attn_decode_split_bf16_kvfp8",

@@ -1,30 +1,26 @@
 """GatedDeltaNet kernels (decode, chunked prefill) vs the naive reference, on the Triton CPU interpreter.
 
-TRITON_INTERPRET=1 is set here before triton is imported. Sizes are small and odd; the
+Triton's interpreter is on for the whole session (tests/conftest.py). Sizes are small and odd; the
 whole file is meant to stay well under 90 s on 2 cores. The AOT PTX test compiles one small
 target per kernel by default; QCN_GDN_AOT_ALL=1 compiles both kernels at the real model
 sizes for every target and assembles the PTX with ptxas.
 """
 from __future__ import annotations
 
-import importlib
 import os
 import time
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
+from aot_run import require_interpreter
 
 pytest.importorskip("triton")
 
 from qcn.compile.plugins.gated_deltanet import reference as ref_mod  # noqa: E402
-from qcn.compile.plugins.gated_deltanet import common, decode, prefill  # noqa: E402
+from qcn.compile.build.targets import AOT_TARGETS, arch  # noqa: E402
+from qcn.compile.plugins.gated_deltanet import decode, prefill  # noqa: E402
 
-if os.environ.get("TRITON_INTERPRET") == "1" and not type(decode.gdn_decode_kernel).__name__.startswith("Interp"):
-    # imported earlier by someone without the interpreter: reload so kernels run on CPU tensors
-    for m in (common, decode, prefill):
-        importlib.reload(m)
+require_interpreter(decode.gdn_decode_kernel)
 
 gated_deltanet_reference = ref_mod.gated_deltanet_reference
 CFGS = {"gqa": (3, 6, 16, 32), "mha": (2, 2, 32, 16), "small": (1, 2, 16, 32)}  # Hk, Hv, Dk, Dv
@@ -241,7 +237,7 @@ def test_nan_never_passes():
 REAL = dict(num_k_heads=16, num_v_heads=32, head_k_dim=128, head_v_dim=128, conv_kernel=4)
 SMALL = dict(num_k_heads=2, num_v_heads=4, head_k_dim=32, head_v_dim=32, conv_kernel=4)
 AOT_ALL = os.environ.get("QCN_GDN_AOT_ALL") == "1"
-AOT_CASES = ([(kd, cc) for kd in ("decode", "prefill") for cc in (80, 89, 90, 120)] if AOT_ALL
+AOT_CASES = ([(kd, cc) for kd in ("decode", "prefill") for cc in AOT_TARGETS] if AOT_ALL
              else [("decode", 90), ("prefill", 80)])
 
 
@@ -255,82 +251,43 @@ def test_aot_ptx(kind, cc):
     fast = {} if AOT_ALL or kind == "decode" else dict(dot_precision="tf32", inv_precision="tf32")
     k = aot.compile_kernel(kind, target=cc, **(REAL if AOT_ALL else SMALL), **fast)
     secs = time.perf_counter() - t0
-    print(f"\n[aot] {kind} sm_{cc}: {secs:.1f}s, {k.arch}, PTX {k.ptx_version}, shared {k.shared_mem} B, "
+    print(f"\n[aot] {kind} sm_{cc}: {secs:.1f}s, {k.ptx_target}, PTX {k.ptx_version}, shared {k.shared_mem} B, "
           f"warps {k.num_warps}, {len(k.ptx) / 1e3:.0f} kB")
-    assert k.arch in (f"sm_{cc}", f"sm_{cc}a")  # triton picks sm_90a / sm_120a itself
-    assert f".entry {k.name}(" in k.ptx
+    assert k.ptx_target == arch(cc).ptx_target  # triton picks sm_90a / sm_120a itself
+    assert f".entry {k.kernel_name}(" in k.ptx
     assert k.params[:10] == ("qkv_ptr", "z_ptr", "b_ptr", "a_ptr", "cw_ptr", "A_log_ptr", "dt_bias_ptr", "nw_ptr",
                              "cs_ptr", "s_ptr")
     assert k.params[10:] == ("T", "y_ptr", "cso_ptr", "so_ptr")
-    entry = k.ptx[k.ptx.index(f".entry {k.name}("):]
+    entry = k.ptx[k.ptx.index(f".entry {k.kernel_name}("):]
     assert entry[:entry.index(")")].count(".param") == len(k.params)  # hidden scratch params stripped
-    smem_limit = {80: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024, 120: 99 * 1024}[cc]
-    assert k.shared_mem <= smem_limit
+    assert k.shared_mem <= arch(cc).smem_bytes
     if AOT_ALL:
-        aot.ptxas_check(k.ptx, k.arch)
+        aot.verify_ptx(k.ptx, k.ptx_target)
 
 
 # ---------------------------------------------------------------- TRT plugin glue (fake tensorrt)
-def test_trt_plugin_glue_with_fake_tensorrt(monkeypatch):
-    """Run trt_plugin's register/aot_impl against a minimal stand-in for ``tensorrt.plugin``.
+def test_trt_plugin_glue_with_fake_tensorrt(trt_stub):
+    """Run trt_plugin's register/aot_impl against the stub of ``tensorrt.plugin`` (tests/trt_stub.py).
 
     Full TensorRT is not installed here; this only checks our glue (shape maths, kernel
     choice, launch parameters, extra args), not TensorRT's behaviour.
     """
-    import sys
-    import types
+    from trt_stub import TensorDesc as Desc
 
-    class Expr:
-        def __init__(self, v=None):
-            self.v = v
-
-        is_constant = property(lambda self: self.v is not None)
-
-        def constant_value(self):
-            return self.v
-
-        def __mul__(self, o):
-            return Expr(None if self.v is None or o.v is None else self.v * o.v)
-
-    class Desc:
-        def __init__(self, shape, dtype):
-            self.shape_expr, self.dtype = [Expr(s) for s in shape], dtype
-
-        def like(self):
-            return self
-
-        def aliased(self):
-            return self
-
-    reg = {}
-    trtp = types.ModuleType("tensorrt.plugin")
-    trtp.TensorDesc = Desc
-    for name in ("register", "autotune", "aot_impl"):
-        setattr(trtp, name, lambda pid, _n=name: (lambda fn: reg.setdefault(_n, fn)))
-    trtp.from_shape_expr = lambda shape, dtype: Desc([e.v for e in shape], dtype)
-    trtp.AutoTuneCombination = lambda s: s
-    trtp.KernelLaunchParams = types.SimpleNamespace
-    trtp.SymInt32 = lambda e: ("i32", e)
-    trtp.SymIntExprs = types.SimpleNamespace(from_tuple=lambda t: list(t))
-    trt = types.ModuleType("tensorrt")
-    trt.bfloat16, trt.float16, trt.float32 = "bf16", "fp16", "fp32"
-    trt.plugin = trtp
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    monkeypatch.setitem(sys.modules, "tensorrt.plugin", trtp)
     from qcn.compile.plugins.gated_deltanet import trt_plugin
 
-    monkeypatch.setattr(trt_plugin, "_registered", None)
     trt_plugin.register(80)
+    reg = {kind: fn for kind, fn in trt_stub[trt_plugin.PLUGIN_ID].items()}
     Hk, Hv, Dk, Dv, K, B = 2, 4, 32, 32, 4, 3
     C = 2 * Hk * Dk + Hv * Dv
-    ins = [Desc((B, 1, C), "bf16"), Desc((B, 1, Hv, Dv), "bf16"), Desc((B, 1, Hv), "bf16"),
-           Desc((B, 1, Hv), "bf16"), Desc((C, K), "bf16"), Desc((Hv,), "fp32"), Desc((Hv,), "bf16"),
-           Desc((Dv,), "bf16"), Desc((B, C, K - 1), "bf16"), Desc((B, Hv, Dk, Dv), "fp32")]
-    y, cso, so = reg["register"](*ins, num_k_heads=Hk, norm_eps=1e-6)
-    assert [e.v for e in y.shape_expr] == [B, 1, Hv * Dv] and so is ins[9]
+    ins = [Desc((B, 1, C), "bfloat16"), Desc((B, 1, Hv, Dv), "bfloat16"), Desc((B, 1, Hv), "bfloat16"),
+           Desc((B, 1, Hv), "bfloat16"), Desc((C, K), "bfloat16"), Desc((Hv,), "float32"), Desc((Hv,), "bfloat16"),
+           Desc((Dv,), "bfloat16"), Desc((B, C, K - 1), "bfloat16"), Desc((B, Hv, Dk, Dv), "float32")]
+    y, cso, so = reg["desc"](*ins, num_k_heads=Hk, norm_eps=1e-6)
+    assert [int(e) for e in y.shape_expr] == [B, 1, Hv * Dv] and so is ins[9]
     assert len(reg["autotune"](*ins, (y, cso, so))[0].split(",")) == 13
-    name, ptx, launch, extra = reg["aot_impl"](*ins, Hk, 1e-6, (y, cso, so), 0)
+    name, ptx, launch, extra = reg["aot"](*ins, Hk, 1e-6, (y, cso, so), 0)
     assert name == b"gdn_decode_kernel" and b".target sm_80" in ptx
-    assert (launch.grid_x, launch.grid_y.v, launch.block_x) == (Hv, B, 128)  # decode_meta: 4 warps here
+    assert (launch.grid_x, int(launch.grid_y), launch.block_x) == (Hv, B, 128)  # decode_meta: 4 warps here
     assert 0 <= launch.shared_mem <= 48 * 1024
-    assert extra == [("i32", ins[0].shape_expr[1])]
+    assert extra == [1]  # the kernels' one int32 scalar: T

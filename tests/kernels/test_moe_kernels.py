@@ -8,18 +8,10 @@ module's tests start, so it overlaps the interpreter tests; QCN_AOT_ALL_TARGETS=
 every kernel for every target instead of one target per kernel.
 """
 
-import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
-
-import importlib  # noqa: E402
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
+from aot_run import aot_background, require_interpreter
 
 pytest.importorskip("triton")
 
@@ -37,11 +29,9 @@ from qcn.compile.plugins.moe import (  # noqa: E402
     unpack_int4,
 )
 from qcn.compile.plugins.moe import kernels as moe_kernels  # noqa: E402
-from qcn.compile.plugins.moe import ops as moe_ops  # noqa: E402
+from qcn.compile.plugins.moe import launch as moe_ops  # noqa: E402
 
-if not type(moe_kernels._router_logits_kernel).__name__.startswith("Interp"):
-    # imported earlier without the interpreter: reload so the kernels run on CPU tensors
-    importlib.reload(moe_kernels)
+require_interpreter(moe_kernels._router_logits_kernel)
 
 H, I, IS, E = 40, 24, 20, 7  # odd sizes; I != Is
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -51,13 +41,6 @@ CFG = MoEConfig(router_bn=16, router_bk=64, topk_bh=64, decode_bn_gate_up=32, de
                 prefill_bm=16, prefill_bn=32, prefill_bk=64, align_block=64, combine_bh=64)
 TINY = MoEConfig(router_bn=16, router_bk=16, topk_bh=16, decode_bn_gate_up=16, decode_bn_down=16, decode_bk=16,
                  prefill_bm=16, prefill_bn=16, prefill_bk=16, align_block=16, combine_bh=16)
-
-
-@pytest.fixture
-def seed():
-    s = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(s)
-    return s
 
 
 @pytest.fixture(autouse=True)
@@ -221,7 +204,8 @@ def test_rejects_bad_input():
 
 _AOT_SCRIPT = r"""
 import json, sys, time
-from qcn.compile.plugins.moe.aot import TARGETS, moe_kernel_specs, compile_spec, verify_ptx
+from qcn.compile.plugins._triton import TARGETS, compile_spec, verify_ptx
+from qcn.compile.plugins.moe.aot import moe_kernel_specs
 if sys.argv[1] == "1":
     plan = [(s.name, cc) for cc in TARGETS for s in moe_kernel_specs(cc=cc)]
 else:  # every kernel function once; all targets, all formats, fp8 native (sm_89) and byte-decoded (sm_80)
@@ -244,33 +228,14 @@ for name, cc in plan:
 # follow the QDP rules, output descs / grids / int32 scalars evaluate on concrete shapes, and
 # one plugin's aot_impl returns real PTX.
 import inspect, types, typing
-from qcn.compile.plugins.moe import aot as aot_mod
-REG = {}
-class TensorDesc:
-    def __init__(self, shape, dtype=None):
-        self.shape_expr, self.dtype = list(shape), dtype
-    def like(self):
-        return TensorDesc(self.shape_expr, self.dtype)
-class SymExprs: pass
-class SymIntExprs(SymExprs):
-    from_tuple = staticmethod(list)
-class KernelLaunchParams: pass
-def deco(kind):
-    return lambda pid: (lambda f: REG.setdefault(pid, {}).__setitem__(kind, f) or f)
-trt = types.ModuleType("tensorrt")
-trtp = types.ModuleType("tensorrt.plugin")
-for n in ("float32", "float16", "bfloat16", "int32", "int64", "uint8"):
-    setattr(trt, n, n)
-trt.plugin = trtp
-trtp.__dict__.update(TensorDesc=TensorDesc, SymExprs=SymExprs, SymIntExprs=SymIntExprs, SymInt32=int,
-                     KernelLaunchParams=KernelLaunchParams, cdiv=lambda a, b: -(-a // b),
-                     from_shape_expr=lambda shape, dtype: TensorDesc(shape, dtype),
-                     AutoTuneCombination=lambda types, layouts: types,
-                     register=deco("desc"), autotune=deco("autotune"), aot_impl=deco("aot"))
+sys.path.insert(0, sys.argv[2])  # tests/: the one tensorrt.plugin stub
+from trt_stub import SymExprs, TensorDesc, make_trt_stub
+trt, trtp, REG = make_trt_stub()
 sys.modules.update({"tensorrt": trt, "tensorrt.plugin": trtp})
 from qcn.compile.plugins.moe import trt_plugin as tp
-real_compile = tp.compile_spec
-tp.compile_spec = lambda spec, cc: types.SimpleNamespace(kernel_name="k", ptx="", num_warps=4, shared_mem=0)
+import qcn.compile.plugins._triton as T
+real_compile = T.compile_spec
+T.compile_spec = lambda spec, cc: types.SimpleNamespace(kernel_name="k", ptx="", num_warps=4, shared_mem=0)
 tp.register_moe_plugins(cc=89)
 N, k, H, E, I = 3, 10, 2048, 512, 512
 R = N * (k + 1)
@@ -302,7 +267,7 @@ for pid, fns in REG.items():
         assert (lp.grid_x, lp.grid_y) == g and extra == sc and [tuple(o.shape_expr) for o in outs] == os_, \
             (stage, lp.grid_x, lp.grid_y, extra, [o.shape_expr for o in outs])
     plug.append(stage)
-tp.compile_spec = real_compile
+T.compile_spec = real_compile
 fns = REG["qcn_moe::router_topk"]
 name, ptx, lp, extra = fns["aot"](TensorDesc((N, E)), TensorDesc((N, H)), TensorDesc((1, H)), [], 0)
 assert ".entry " + name in ptx and lp.block_x == 128
@@ -310,30 +275,11 @@ rows.append(dict(spec="trt_plugin_stub", plugins=sorted(plug), cc=89))
 print(json.dumps(rows))
 """
 
-_aot_proc = {}
+aot_run = aot_background(_AOT_SCRIPT, "moe")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _aot_background(request):
-    """Start the AOT compile subprocess early (it overlaps the interpreter tests)."""
-    if any(item.name == "test_aot_ptx_compiles" and item.module is request.module for item in request.session.items):
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="qcn_aot_moe_")
-        _aot_proc["p"] = subprocess.Popen(
-            [sys.executable, "-c", _AOT_SCRIPT, os.environ.get("QCN_AOT_ALL_TARGETS", "0")],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    yield
-    p = _aot_proc.pop("p", None)
-    if p is not None and p.poll() is None:
-        p.kill()
-
-
-def test_aot_ptx_compiles(record_property):
-    p = _aot_proc.get("p")
-    assert p is not None
-    out, err = p.communicate(timeout=900)
-    assert p.returncode == 0, err[-4000:]
-    rows = json.loads(out.strip().splitlines()[-1])
+def test_aot_ptx_compiles(aot_run, record_property):
+    rows = aot_run.rows(timeout=900)
     stub = rows.pop()
     assert stub["spec"] == "trt_plugin_stub" and len(stub["plugins"]) == 5 + 4 * 3, stub
     assert len(rows) >= 8 and {r["cc"] for r in rows} == {80, 89, 90, 120}

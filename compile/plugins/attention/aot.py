@@ -1,8 +1,7 @@
 """Ahead-of-time compilation of the decode-attention Triton kernels to PTX, no GPU needed.
 
-Same machinery as ``moe/aot.py`` (imported from there: KernelSpec, compile_spec,
-verify_ptx, strip_scratch_params): ``triton.compile(ASTSource(...), target=GPUTarget("cuda",
-cc, 32))`` for cc in 80, 89, 90 (-> sm_90a), 120 (-> sm_120a); run without TRITON_INTERPRET.
+Compiled by the shared ``plugins/_triton.py`` (KernelSpec, compile_spec, verify_ptx) for the
+AOT targets of the GPU table; run without TRITON_INTERPRET.
 
 CLI: ``python -m qcn.compile.plugins.attention.aot --out DIR [--targets 80,89,90,120]
 [--cache bf16,fp8]``.
@@ -13,9 +12,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..moe.aot import TARGETS, AOTKernel, KernelSpec, compile_all, compile_spec, verify_ptx, write_outputs
+from .._triton import TARGETS, KernelSpec, compile_all, write_outputs
 
-__all__ = ["TARGETS", "AOTKernel", "KernelSpec", "compile_spec", "verify_ptx", "attention_kernel_specs", "main"]
+__all__ = ["attention_kernel_specs", "main"]
 
 
 def attention_kernel_specs(
@@ -35,7 +34,7 @@ def attention_kernel_specs(
     import triton
 
     from . import kernels as K
-    from .ops import DecodeAttentionConfig
+    from .launch import DecodeAttentionConfig
 
     cfg = config or DecodeAttentionConfig()
     scale = head_dim ** -0.5 if softmax_scale is None else softmax_scale

@@ -25,6 +25,7 @@ from onnx import TensorProto
 from onnx.defs import OpSchema
 
 from ..onnx_function import DOMAIN, DOMAIN_VERSION, FunctionBuilder, QcnOp, register_schema
+from .reference import cached_attention_reference
 
 OP_NAME = "CachedAttention"
 INPUTS = ["q", "k", "v", "past_key", "past_value", "past_len"]
@@ -33,22 +34,8 @@ INPUTS = ["q", "k", "v", "past_key", "past_value", "past_len"]
 @torch.library.custom_op("qcn::cached_attention", mutates_args=())
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_key: torch.Tensor,
                      past_value: torch.Tensor, past_len: torch.Tensor, scale: float) -> torch.Tensor:
-    """Naive reference: one (sequence, head, query) at a time over its visible keys."""
-    B, T, Hq, D = q.shape
-    group = Hq // k.shape[2]
-    out = torch.empty_like(q)
-    for b in range(B):
-        n_past = int(past_len[b])
-        for h in range(Hq):
-            kv = h // group
-            keys = torch.cat([past_key[b, kv, :n_past], k[b, :, kv]], dim=0)  # [n_past+T, D]
-            values = torch.cat([past_value[b, kv, :n_past], v[b, :, kv]], dim=0)
-            for t in range(T):
-                visible = n_past + t + 1
-                scores = (keys[:visible] @ q[b, t, h]) * scale
-                p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-                out[b, t, h] = p @ values[:visible]
-    return out
+    """The naive reference (reference.cached_attention_reference) in the op's own precision."""
+    return cached_attention_reference(q, k, v, past_key, past_value, past_len, softmax_scale=scale, compute_dtype=None)
 
 
 @cached_attention.register_fake

@@ -18,7 +18,7 @@ def cached_attention_reference(
     k_scale: torch.Tensor | float | None = None,
     v_scale: torch.Tensor | float | None = None,
     softmax_scale: float | None = None,
-    compute_dtype: torch.dtype = torch.float64,
+    compute_dtype: torch.dtype | None = torch.float64,
 ) -> torch.Tensor:
     """q [B,T,Hq,D], k/v [B,T,KVH,D] (new tokens), past_key/past_value [B,KVH,P,D], past_len [B]
     -> out [B,T,Hq,D] in compute_dtype.
@@ -26,8 +26,10 @@ def cached_attention_reference(
     Key j < P is visible iff j < past_len[b]; new key t' is visible to query t iff t' <= t.
     Softmax scale D^-0.5 unless given; GQA head h reads KV head h // (Hq/KVH). An fp8 cache is
     dequantized as past * scale (k_scale / v_scale, one per tensor). Any T (the kernels: T = 1).
+    compute_dtype None is the op's own precision (the qcn::cached_attention torch op's,
+    transformers' eager attention): scores in q's dtype, softmax in fp32 cast back to q's dtype.
     """
-    cdt = compute_dtype
+    cdt = q.dtype if compute_dtype is None else compute_dtype
     bsz, t, hq, d = q.shape
     kvh, p = past_key.shape[1], past_key.shape[2]
     g = hq // kvh
@@ -46,5 +48,7 @@ def cached_attention_reference(
         causal = torch.ones(t, n + t, dtype=torch.bool)
         causal[:, n:] = torch.tril(torch.ones(t, t, dtype=torch.bool))
         s = s.masked_fill(~causal, float("-inf"))
-        out[b] = (torch.softmax(s, dim=-1) @ vals).transpose(0, 1)
+        p_ = torch.softmax(s, dim=-1) if compute_dtype is not None else \
+            torch.softmax(s, dim=-1, dtype=torch.float32).to(cdt)
+        out[b] = (p_ @ vals).transpose(0, 1)
     return out

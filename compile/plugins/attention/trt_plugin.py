@@ -2,7 +2,7 @@
 
 UNTESTED: no full TensorRT and no GPU on this repository's machines; the embedded PTX is
 produced and ptxas-checked by ``aot.py`` (tested). ``tensorrt`` is imported lazily. Uses the
-generic QDP AOT registration of ``moe/trt_plugin.py`` (register / autotune / aot_impl;
+generic QDP AOT registration of ``plugins/_triton.py`` (register / autotune / aot_impl;
 kernel parameters: input pointers, int32 scalars, output pointers).
 
 qcn::CachedAttention at T = 1 lowers to two plugins in namespace ``qcn_attn``:
@@ -15,7 +15,7 @@ read. The reduce kernel receives S * PARTITION as its P (it only clamps past_len
 Head counts, head dim, softmax scale and the target cc are fixed at registration.
 """
 
-from ..moe.trt_plugin import register_kernel_plugin
+from .._triton import register_kernel_plugin
 
 __all__ = ["register_attention_plugins"]
 

@@ -109,7 +109,8 @@ def launch_decode(qkv, z, b, a, conv_weight, A_log, dt_bias, norm_weight, conv_s
     """Launch ``gdn_decode_kernel`` on preallocated outputs (no checks beyond the dims)."""
     B, T, C, Hk, Hv, Dk, Dv, K = check_inputs(qkv, z, b, a, conv_weight, A_log, dt_bias, norm_weight,
                                                conv_state, recurrent_state, num_k_heads)
-    assert T == 1, "decode kernel handles one token"
+    if T != 1:
+        raise ValueError(f"the decode kernel takes one token (qkv [B, 1, C]); got T={T}: use the prefill kernel")
     meta = decode_meta(Hk, Hv, Dk, Dv, K, norm_eps)
     gdn_decode_kernel[(Hv, B)](qkv, z, b, a, conv_weight, A_log, dt_bias, norm_weight, conv_state,
                                recurrent_state, T, y, conv_state_out, recurrent_state_out,

@@ -40,7 +40,7 @@ __all__ = ["gdn_prefill_kernel", "prefill_meta", "launch_prefill", "gated_deltan
 
 CHUNK = 64
 # prefill_meta overrides tried in order when a configuration needs more shared memory than
-# the GPU has (JIT: OutOfResources; AOT: aot.SMEM_LIMIT per target)
+# the GPU has (JIT: OutOfResources; AOT: the GPU table in compile/build/targets.py)
 CONFIG_FALLBACKS: tuple[dict, ...] = ({}, {"block_v": 32}, {"block_v": 16})
 _chosen: dict = {}
 

@@ -15,7 +15,7 @@ PTX ISA version (e.g. 84) for drivers older than the CUDA 13 one Triton 3.9 targ
 ptxas: 8.4 for sm_90a, 8.7 for sm_120a, 8.0 for sm_80 assemble). Outputs: y, conv_state_out (a separate buffer: it
 must not alias conv_state), recurrent_state_out (aliased to recurrent_state: updated in
 place). Points to check on a real build: the hidden Triton scratch parameters are stripped
-from the PTX (aot.strip_hidden_params), and the prefill kernel's dynamic shared memory
+from the PTX (_triton.strip_hidden_params), and the prefill kernel's dynamic shared memory
 above 48 KiB must be accepted by TensorRT's launcher for the target.
 """
 from __future__ import annotations
@@ -93,6 +93,6 @@ def register(cc: int | None = None, ptx_version: int | None = None) -> None:
         launch.block_x = k.num_warps * 32
         launch.shared_mem = k.shared_mem
         extra_args = trtp.SymIntExprs.from_tuple([trtp.SymInt32(t_expr)])  # the kernels' one scalar: T
-        return k.name.encode(), k.ptx.encode(), launch, extra_args
+        return k.kernel_name.encode(), k.ptx.encode(), launch, extra_args
 
     _registered = (cc, ptx_version)

@@ -1,9 +1,10 @@
-"""qcn::MoE: the op definition (``op.py``: torch op, ONNX schema, function body);
-the Triton kernels for qcn::MoE (decode GEMV-style path, prefill grouped-GEMM path; dense,
-FP8 per-channel and INT4 group-128 weights), their PyTorch reference, quantize helpers,
-AOT PTX compilation (``aot.py``) and TensorRT plugin registration (``trt_plugin.py``).
+"""qcn::MoE (files as in every op folder, compile/plugins/__init__.py): the op definition
+(``op.py``), the reference (``reference.py``), the Triton kernels (decode GEMV-style path,
+prefill grouped-GEMM path; dense, FP8 per-channel and INT4 group-128 weights; ``kernels.py``,
+entry points ``launch.py``), quantize helpers (``quant.py``), AOT specs (``aot.py``) and
+TensorRT plugin registration (``trt_plugin.py``).
 
-The reference and the quantize helpers need only torch; the kernel entry points (``ops``)
+The reference and the quantize helpers need only torch; the kernel entry points (``launch``)
 import triton on first use.
 """
 
@@ -29,7 +30,7 @@ __all__ = [
 
 def __getattr__(name):
     if name in _OPS:
-        from . import ops
+        from . import launch
 
-        return getattr(ops, name)
+        return getattr(launch, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

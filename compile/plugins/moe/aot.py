@@ -1,18 +1,4 @@
-"""Ahead-of-time compilation of the MoE Triton kernels to PTX, no GPU needed.
-
-``triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", cc, 32))``
-for cc in 80, 89, 90, 120. Triton emits ``.target sm_90a`` for cc 90 and ``sm_120a`` for
-cc 120 (the arch-specific variants; the PTX then runs only on that exact architecture).
-
-Must run WITHOUT ``TRITON_INTERPRET=1`` (under the interpreter ``@triton.jit`` yields
-interpreter functions that cannot be compiled); tests call this module in a subprocess.
-
-Every kernel's runtime parameters follow TensorRT's AOT-plugin convention (input pointers,
-int32 scalars, output pointers). Triton appends two hidden pointer parameters
-(global_scratch, profile_scratch) that TensorRT's launcher does not know about; our kernels
-need neither (checked: both sizes are 0), and ``strip_scratch=True`` deletes the two unused
-parameters from the PTX entry so the PTX parameter list is exactly what TensorRT passes.
-``verify_ptx`` assembles the PTX with the ptxas that ships with Triton.
+"""The MoE Triton kernels as AOT specs (compiled to PTX by the shared ``plugins/_triton.py``).
 
 CLI: ``python -m qcn.compile.plugins.moe.aot --out DIR [--targets 80,89,90,120]
 [--formats dense,fp8,int4]`` writes ``<spec>.sm<cc>.ptx`` and ``aot_manifest.json``
@@ -22,151 +8,13 @@ CLI: ``python -m qcn.compile.plugins.moe.aot --out DIR [--targets 80,89,90,120]
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import re
-import subprocess
-import tempfile
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-__all__ = [
-    "TARGETS", "KernelSpec", "AOTKernel", "compile_spec", "verify_ptx", "strip_scratch_params",
-    "moe_kernel_specs", "compile_all", "main",
-]
+from .._triton import TARGETS, KernelSpec, compile_all, write_outputs
 
-TARGETS = (80, 89, 90, 120)
+__all__ = ["moe_kernel_specs", "main"]
 
 _TORCH_TO_TRITON = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
-
-
-@dataclass(frozen=True)
-class KernelSpec:
-    """One kernel specialization. signature maps EVERY parameter of ``fn`` to a Triton type
-    ("*bf16", "*fp8e4nv", "*u8", "*i32", "*i64", "i32", ...) or "constexpr" (value in
-    ``constexprs``; a constexpr pointer is None: absent). ``div16``: parameters known to be
-    multiples of 16 (pointers: 16-byte aligned; model-fixed sizes)."""
-
-    name: str
-    fn: Any
-    signature: dict[str, str]
-    constexprs: dict[str, Any]
-    div16: tuple[str, ...] = ()
-    num_warps: int = 4
-    num_stages: int = 3
-    # TensorRT plugin layout: names of the runtime inputs / scalars / outputs in order
-    inputs: tuple[str, ...] = field(default=())
-    scalars: tuple[str, ...] = field(default=())
-    outputs: tuple[str, ...] = field(default=())
-
-
-@dataclass
-class AOTKernel:
-    spec: str
-    cc: int
-    kernel_name: str
-    ptx: str
-    num_warps: int
-    shared_mem: int
-    seconds: float
-    ptx_target: str
-
-
-def _attrs(spec: KernelSpec) -> dict:
-    names = list(spec.fn.arg_names)
-    unknown = set(spec.div16) - set(names)
-    if unknown:
-        raise ValueError(f"{spec.name}: div16 names unknown parameters {sorted(unknown)}")
-    return {(names.index(a),): [["tt.divisibility", 16]] for a in spec.div16}
-
-
-def strip_scratch_params(ptx: str, kernel_name: str, n: int = 2) -> str:
-    """Remove Triton's trailing hidden (global_scratch, profile_scratch) parameters from the
-    entry's parameter list; refuses if the body references them."""
-    m = re.search(r"\.entry\s+" + re.escape(kernel_name) + r"\s*\((.*?)\)", ptx, re.S)
-    if not m:
-        raise ValueError(f"entry {kernel_name} not found in PTX")
-    params = [p.strip() for p in m.group(1).split(",") if p.strip()]
-    dropped = [p.split()[-1] for p in params[-n:]]
-    body = ptx[m.end():]
-    for name in dropped:
-        if re.search(r"\b" + re.escape(name) + r"\b", body):
-            raise ValueError(f"PTX uses hidden parameter {name}; cannot strip it")
-    new = "\n\t" + ",\n\t".join(params[:-n]) + "\n"
-    return ptx[: m.start(1)] + new + ptx[m.end(1):]
-
-
-def _ptxas(ptx: str) -> str | None:
-    """Triton's bundled ptxas able to read this PTX (``ptxas``: CUDA 12.9, PTX <= 8.8;
-    ``ptxas-blackwell``: CUDA 13, which Triton 3.9 uses for sm_90+ and PTX 9.x)."""
-    import triton
-
-    ver = re.search(r"^\.version\s+(\d+)\.(\d+)", ptx, re.M)
-    new = ver is not None and (int(ver.group(1)), int(ver.group(2))) > (8, 8)
-    p = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / ("ptxas-blackwell" if new else "ptxas")
-    return str(p) if p.exists() else None
-
-
-def verify_ptx(ptx: str, ptx_target: str) -> bool:
-    """Assemble with Triton's bundled ptxas for ``ptx_target`` (e.g. "sm_90a"). Returns False
-    when no ptxas is available; raises on assembly errors."""
-    exe = _ptxas(ptx)
-    if exe is None:
-        return False
-    with tempfile.TemporaryDirectory() as d:
-        src = Path(d) / "k.ptx"
-        src.write_text(ptx)
-        r = subprocess.run([exe, f"-arch={ptx_target}", str(src), "-o", str(Path(d) / "k.cubin")],
-                           capture_output=True, text=True)
-        if r.returncode:
-            raise RuntimeError(f"ptxas failed for {ptx_target}:\n{r.stderr}")
-    return True
-
-
-def compile_spec(spec: KernelSpec, cc: int, *, strip_scratch: bool = True, ptx_version: int | None = None) -> AOTKernel:
-    """Compile one spec for compute capability ``cc`` (80, 89, 90, 120) -> PTX.
-
-    ptx_version (e.g. 88 = PTX ISA 8.8, CUDA 12.9): None keeps Triton's choice, which for
-    cc >= 90 is its bundled CUDA 13 toolchain's PTX 9.x: loading that PTX needs a CUDA 13
-    driver. Pass 88 (or lower; sm_90a needs >= 80, sm_120a >= 87) for CUDA 12 drivers."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise RuntimeError("AOT compilation needs TRITON_INTERPRET unset (run it in a subprocess)")
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    missing = set(spec.fn.arg_names) ^ set(spec.signature)
-    if missing:
-        raise ValueError(f"{spec.name}: signature does not match parameters: {sorted(missing)}")
-    src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=_attrs(spec))
-    t0 = time.perf_counter()
-    ck = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                        options={"num_warps": spec.num_warps, "num_stages": spec.num_stages,
-                                 **({"ptx_version": ptx_version} if ptx_version else {})})
-    dt = time.perf_counter() - t0
-    md = ck.metadata
-    if getattr(md, "global_scratch_size", 0) or getattr(md, "profile_scratch_size", 0):
-        raise RuntimeError(f"{spec.name}: kernel needs global/profile scratch, unsupported by TensorRT AOT plugins")
-    ptx = ck.asm["ptx"]
-    if strip_scratch:
-        ptx = strip_scratch_params(ptx, md.name)
-    tgt = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1)
-    return AOTKernel(spec.name, cc, md.name, ptx, md.num_warps, md.shared, dt, tgt)
-
-
-def compile_all(make_specs, targets=TARGETS, *, strip_scratch: bool = True, ptx_version: int | None = None,
-                verify: bool = False) -> list[AOTKernel]:
-    """make_specs(cc) -> specs for that target; compiles each for its target."""
-    out = []
-    for cc in targets:
-        for s in make_specs(cc):
-            k = compile_spec(s, cc, strip_scratch=strip_scratch, ptx_version=ptx_version)
-            if verify:
-                verify_ptx(k.ptx, k.ptx_target)
-            out.append(k)
-    return out
 
 
 # ----------------------------------------------------------------------------- MoE specs
@@ -192,7 +40,7 @@ def moe_kernel_specs(
     import triton
 
     from . import kernels as K
-    from .ops import DECODE_MAX_TOKENS, WEIGHT_FORMATS, MoEConfig
+    from .launch import DECODE_MAX_TOKENS, WEIGHT_FORMATS, MoEConfig
 
     cfg = config or MoEConfig()
     p2 = triton.next_power_of_2
@@ -292,20 +140,6 @@ def moe_kernel_specs(
                 inputs=("act_ptr",) + w_in + tuple(route), scalars=tuple(psig), outputs=("out_ptr",), **warps),
         ]
     return specs
-
-
-def write_outputs(kernels: list[AOTKernel], out: Path) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for k in kernels:
-        f = out / f"{k.spec}.sm{k.cc}.ptx"
-        f.write_text(k.ptx)
-        rows.append({"spec": k.spec, "cc": k.cc, "ptx_target": k.ptx_target, "kernel_name": k.kernel_name,
-                     "file": f.name, "num_warps": k.num_warps, "shared_mem": k.shared_mem,
-                     "compile_seconds": round(k.seconds, 3)})
-    man = out / "aot_manifest.json"
-    man.write_text(json.dumps(rows, indent=1))
-    return man
 
 
 def main(argv=None) -> int:

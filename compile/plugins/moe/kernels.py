@@ -1,4 +1,4 @@
-"""Triton kernels of qcn::MoE. Launchers and shapes: ``ops.py``.
+"""Triton kernels of qcn::MoE. Launchers and shapes: ``launch.py``.
 
 Every kernel's non-constexpr parameters are ordered (input pointers, int32 scalars, output
 pointers): the calling convention of TensorRT's AOT plugins (``trt_plugin.py``), so the same

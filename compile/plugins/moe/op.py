@@ -11,7 +11,7 @@ Router as transformers' Qwen3NextTopKRouter: logits in the activation dtype, sof
 fp32, top-k, renormalised when norm_topk_prob, then cast to the activation dtype.
 expert(x) = down(silu(gate(x)) * up(x)). Exact ties in top-k go to the lowest expert index (ONNX
 TopK's rule; docs/OPS.md). torch.topk does not promise that on CPU (it returned [2, 4] for
-five equal probabilities), so the reference below uses a stable sort, not torch.topk.
+five equal probabilities), so the reference (reference.py, which this op calls) uses a stable sort.
 
 The function body computes every expert for every token and weights the results with a dense
 [N, E] combine matrix that is zero outside the top-k: exact, simple, and the semantics a
@@ -24,11 +24,11 @@ from __future__ import annotations
 import onnx
 import onnxscript
 import torch
-import torch.nn.functional as F
 from onnx import TensorProto
 from onnx.defs import OpSchema
 
 from ..onnx_function import DOMAIN, DOMAIN_VERSION, FunctionBuilder, QcnOp, register_schema
+from .reference import moe_reference
 
 OP_NAME = "MoE"
 WEIGHT_FORMATS = ("float",)
@@ -46,26 +46,10 @@ def moe(
     shared_gate_up: torch.Tensor, shared_down: torch.Tensor, shared_gate: torch.Tensor,
     top_k: int, norm_topk_prob: bool, weight_format: str,
 ) -> torch.Tensor:
-    """Naive reference: loop over tokens and their selected experts."""
+    """The naive reference (reference.moe_reference) in the op's own precision."""
     _check_format(weight_format)
-    logits = x @ router_weight.T
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-    sorted_p, sorted_i = torch.sort(probs, dim=-1, descending=True, stable=True)
-    top_p, top_i = sorted_p[:, :top_k], sorted_i[:, :top_k]
-    if norm_topk_prob:
-        top_p = top_p / top_p.sum(-1, keepdim=True)
-    top_p = top_p.to(x.dtype)
-    inter = gate_up.shape[1] // 2
-    y = torch.zeros_like(x)
-    for n in range(x.shape[0]):
-        for slot in range(top_k):
-            e = int(top_i[n, slot])
-            h = gate_up[e] @ x[n]
-            y[n] += top_p[n, slot] * (down[e] @ (F.silu(h[:inter]) * h[inter:]))
-    shared_inter = shared_gate_up.shape[0] // 2
-    hs = x @ shared_gate_up.T
-    shared = (F.silu(hs[:, :shared_inter]) * hs[:, shared_inter:]) @ shared_down.T
-    return y + torch.sigmoid(x @ shared_gate.T) * shared
+    return moe_reference(x, router_weight, gate_up, down, shared_gate_up, shared_down, shared_gate, top_k,
+                         norm_topk_prob, compute_dtype=None)
 
 
 @moe.register_fake

@@ -18,23 +18,29 @@ def route_reference(
     router_weight: torch.Tensor,
     top_k: int,
     norm_topk_prob: bool,
-    compute_dtype: torch.dtype = torch.float64,
+    compute_dtype: torch.dtype | None = torch.float64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Router of qcn::MoE.
 
-    x [N, H], router_weight [E, H] -> (weights [N, top_k] compute_dtype, ids [N, top_k] int64).
-    logits = x @ router_weight^T, softmax over E (at least fp32), top-k with ties broken by the
-    lowest expert index (torch.topk order), renormalised to sum 1 when ``norm_topk_prob``.
+    x [N, H], router_weight [E, H] -> (weights [N, top_k], ids [N, top_k] int64). compute_dtype
+    None is the op's own precision (the torch op's, transformers'): logits in x's dtype, softmax
+    and renormalisation in fp32, weights cast to x's dtype; otherwise everything in compute_dtype
+    (at least fp32).
+    logits = x @ router_weight^T, softmax over E (at least fp32), top-k with exact ties going to
+    the lowest expert index (ONNX TopK's rule; a stable sort, because torch.topk on CPU does not
+    promise it), renormalised to sum 1 when ``norm_topk_prob``.
     """
-    cdt = compute_dtype if compute_dtype == torch.float64 else torch.float32
-    logits = x.to(cdt) @ router_weight.to(cdt).T
-    probs = torch.softmax(logits, dim=-1)
-    # stable descending sort == torch.topk order for ties (lowest index first)
+    if compute_dtype is None:
+        probs = torch.softmax(x @ router_weight.T, dim=-1, dtype=torch.float32)
+    else:
+        cdt = compute_dtype if compute_dtype == torch.float64 else torch.float32
+        probs = torch.softmax(x.to(cdt) @ router_weight.to(cdt).T, dim=-1)
+    # stable descending sort: ties -> lowest expert index
     vals, ids = torch.sort(probs, dim=-1, descending=True, stable=True)
     vals, ids = vals[:, :top_k], ids[:, :top_k]
     if norm_topk_prob:
         vals = vals / vals.sum(dim=-1, keepdim=True)
-    return vals, ids
+    return (vals.to(x.dtype) if compute_dtype is None else vals), ids
 
 
 def _mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -55,17 +61,18 @@ def moe_reference(
     shared_gate: torch.Tensor,
     top_k: int,
     norm_topk_prob: bool = True,
-    compute_dtype: torch.dtype = torch.float64,
+    compute_dtype: torch.dtype | None = torch.float64,
 ) -> torch.Tensor:
     """y [N, H] = sum_k p_k * expert_k(x) + sigmoid(x . shared_gate) * shared_expert(x).
 
     x [N, H]; router_weight [E, H]; gate_up [E, 2I, H] (gate rows first); down [E, H, I];
     shared_gate_up [2Is, H]; shared_down [H, Is]; shared_gate [1, H]. All weights dense
-    (dequantize first). Returns compute_dtype.
+    (dequantize first). Returns compute_dtype; None: the op's own precision (x's dtype, router
+    softmax in fp32), which is what the qcn::moe torch op computes.
     """
-    cdt = compute_dtype
+    cdt = x.dtype if compute_dtype is None else compute_dtype
     xc = x.to(cdt)
-    weights, ids = route_reference(x, router_weight, top_k, norm_topk_prob, cdt)
+    weights, ids = route_reference(x, router_weight, top_k, norm_topk_prob, compute_dtype)
     weights = weights.to(cdt)
     y = torch.zeros_like(xc)
     for e in torch.unique(ids).tolist():

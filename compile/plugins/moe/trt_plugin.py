@@ -31,68 +31,9 @@ require the launcher to raise cudaFuncAttributeMaxDynamicSharedMemorySize; FP8 p
 sm_80 (the sm_80 kernels read the bytes, any 1-byte type works).
 """
 
-import inspect
-from typing import List, Tuple, Union
+from .._triton import register_kernel_plugin
 
-from .aot import KernelSpec, compile_spec
-
-__all__ = ["register_kernel_plugin", "register_moe_plugins"]
-
-_TRT_TYPE = {"bf16": "BF16", "fp16": "FP16", "fp32": "FP32", "fp8e4nv": "FP8", "u8": "UINT8", "i32": "INT32",
-             "i64": "INT64"}
-
-
-def register_kernel_plugin(plugin_id, spec: KernelSpec, cc, out_descs, grid, scalars):
-    """Register one Triton kernel as a QDP AOT plugin.
-
-    out_descs(inputs) -> list of output TensorDesc (shapes as symbolic expressions);
-    grid(inputs) -> (grid_x, grid_y) symbolic; scalars(inputs) -> values for ``spec.scalars``
-    (ints or symbolic shape expressions), in order. ``inputs`` are the TensorDescs in
-    ``spec.inputs`` order.
-    """
-    import tensorrt.plugin as trtp
-
-    P = inspect.Parameter
-    tensor_params = [P(n.removesuffix("_ptr"), P.POSITIONAL_OR_KEYWORD, annotation=trtp.TensorDesc)
-                     for n in spec.inputs]
-    n_out = len(spec.outputs)
-    ret = Tuple[tuple([trtp.TensorDesc] * n_out)] if n_out > 1 else trtp.TensorDesc
-    io_types = ", ".join(_TRT_TYPE[spec.signature[n].lstrip("*")] for n in spec.inputs + spec.outputs)
-
-    def desc(*inputs):
-        outs = out_descs(inputs)
-        return tuple(outs) if n_out > 1 else outs[0]
-
-    desc.__signature__ = inspect.Signature(tensor_params, return_annotation=ret)
-    trtp.register(plugin_id)(desc)
-
-    def autotune(*args):
-        return [trtp.AutoTuneCombination(io_types, "LINEAR")]
-
-    autotune.__signature__ = inspect.Signature(
-        tensor_params + [P("outputs", P.POSITIONAL_OR_KEYWORD)], return_annotation=List[trtp.AutoTuneCombination])
-    trtp.autotune(plugin_id)(autotune)
-
-    def aot_impl(*args):
-        inputs = args[: len(spec.inputs)]
-        k = compile_spec(spec, cc)  # PTX with Triton's hidden scratch parameters stripped
-        if k.shared_mem > 48 * 1024:
-            import warnings
-
-            warnings.warn(f"{plugin_id}: {k.shared_mem} B shared memory > 48 KiB needs the opt-in attribute; "
-                          "unverified whether TensorRT's AOT launcher sets it", stacklevel=2)
-        lp = trtp.KernelLaunchParams()
-        gx, gy = grid(inputs)
-        lp.grid_x, lp.grid_y = gx, gy
-        lp.block_x = k.num_warps * 32
-        lp.shared_mem = k.shared_mem
-        extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(v) for v in scalars(inputs)])
-        return k.kernel_name, k.ptx, lp, extra
-
-    aot_impl.__signature__ = inspect.Signature(
-        tensor_params + [P("outputs", P.POSITIONAL_OR_KEYWORD), P("tactic", P.POSITIONAL_OR_KEYWORD)],
-        return_annotation=Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs])
-    trtp.aot_impl(plugin_id)(aot_impl)
+__all__ = ["register_moe_plugins"]
 
 
 def register_moe_plugins(cc: int, hidden: int = 2048, experts: int = 512, top_k: int = 10, inter: int = 512,

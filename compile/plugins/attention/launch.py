@@ -89,7 +89,9 @@ def cached_attention_decode(
         raise ValueError("an fp8 cache needs k_scale and v_scale (fp32, one element each)")
     if out is None:
         out = torch.empty_like(q)
-    assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
+    if out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be contiguous {tuple(q.shape)} {q.dtype} like q, got {tuple(out.shape)} {out.dtype}"
+                         f"{'' if out.is_contiguous() else ' (not contiguous)'}")
     if bsz == 0:
         return out
     scale = d ** -0.5 if softmax_scale is None else float(softmax_scale)

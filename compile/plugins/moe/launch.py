@@ -84,8 +84,11 @@ def moe_route(
     cfg = config or MoEConfig()
     n, h = x.shape
     e = router_weight.shape[0]
-    assert router_weight.shape == (e, h) and shared_gate.numel() == h, "router/shared_gate shape mismatch"
-    assert 1 <= top_k <= e, f"top_k={top_k} must be in [1, E={e}]"
+    if router_weight.shape != (e, h) or shared_gate.numel() != h:
+        raise ValueError(f"router_weight must be [E, H={h}] and shared_gate [1, H={h}]; got "
+                         f"{tuple(router_weight.shape)} and {tuple(shared_gate.shape)}")
+    if not 1 <= top_k <= e:
+        raise ValueError(f"top_k={top_k} must be in [1, E={e}]")
     x, router_weight, shared_gate = x.contiguous(), router_weight.contiguous(), shared_gate.contiguous()
     dev = x.device
     logits = _empty((n, e), device=dev, dtype=torch.float32)
@@ -193,7 +196,9 @@ def moe_forward(
         raise ValueError(f"decode path takes at most {DECODE_MAX_TOKENS} tokens, got {n}")
     if out is None:
         out = torch.empty_like(x)
-    assert out.shape == x.shape and out.dtype == x.dtype and out.is_contiguous()
+    if out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be contiguous {tuple(x.shape)} {x.dtype} like x, got {tuple(out.shape)} {out.dtype}"
+                         f"{'' if out.is_contiguous() else ' (not contiguous)'}")
     if n == 0:
         return out
 
@@ -217,7 +222,9 @@ def moe_forward(
 
     def bk(v):
         v = min(v, group) if fmt == "int4" else v
-        assert fmt != "int4" or group % v == 0, "INT4 needs BK | group_size"
+        if fmt == "int4" and group % v:
+            raise ValueError(f"INT4 weights need the K tile ({v}) to divide group_size {group}: set the "
+                             "MoEConfig block sizes to a divisor of the group size")
         return v
 
     if path == "decode":

@@ -1,0 +1,60 @@
+"""Which passes run for which target, in order: the pass table.
+
+Each row is one pass (one rewrite rule in its own file). A target runs the rows whose
+``modules`` include its module; for the others the passes stage still writes a report line
+that names the pass, counts the nodes it would have matched, and says why it does not apply.
+
+Today's table (docs/PASSES.md):
+  lower_gated_deltanet, lower_moe, lower_cached_attention   full TensorRT only (`tensorrt`):
+      qcn ops -> the ops' AOT TensorRT plugins (the op registry's rows, plugins/registry.py).
+      onnxruntime (target cpu) and tensorrt_rtx (no plugin path) run the ops' ONNX function
+      bodies, so these passes do not apply there.
+The cpu target's pass list is therefore empty today: its passes stage writes the export's
+graphs unchanged (hard links) plus the report. Quantization (FP8/INT4), fusions and CPU
+lowerings are rows to add here: ``PassSpec(name, rule factory, modules)``, placed before
+the plugin lowerings (a lowering must see the final weight formats).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .base import QcnRule
+
+WHY_NOT = {
+    "onnxruntime": "onnxruntime runs the op's ONNX function body (no plugins on this target)",
+    "tensorrt_rtx": "TensorRT-RTX has no plugin path; its ONNX parser inlines the op's function body",
+}
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    name: str
+    make: Callable[[dict | None], QcnRule]   # config pinned by earlier registrations (None: free)
+    modules: tuple[str, ...]                  # target modules the pass runs for
+    root: tuple[str, str]                     # (domain, op_type) its pattern roots at
+    summary: str
+
+    def why_not(self, module: str) -> str | None:
+        """None when the pass runs for ``module``; otherwise the reason it does not."""
+        if module in self.modules:
+            return None
+        return WHY_NOT.get(module, f"runs for {list(self.modules)} only, not {module}")
+
+
+def pass_table() -> tuple[PassSpec, ...]:
+    from ..plugins.registry import OPS
+
+    return tuple(PassSpec(e.lowering.pass_name, e.lowering, ("tensorrt",), (e.lowering.root_domain, e.lowering.root_op),
+                          f"qcn::{e.name} -> its TensorRT AOT plugins") for e in OPS)
+
+
+def plan_for(module: str) -> list[tuple[PassSpec, str | None]]:
+    """Every pass with None (runs) or the reason it does not run for target module ``module``."""
+    return [(p, p.why_not(module)) for p in pass_table()]
+
+
+def plan_identity(module: str) -> list[dict]:
+    """What the passes stage's skip key depends on."""
+    return [{"pass": p.name, "runs": why is None} for p, why in plan_for(module)]
