@@ -5,7 +5,7 @@ Output directory (written atomically; the runtime loads it by its manifest):
                      graphs.*.file -> the engine, and a "build" section (see docs/BUILD.md)
   model.engine       one engine for both graphs (weights stored once), built from prefill.onnx
   model.timing_cache full TensorRT only: reused by the next build of this recipe
-  tokenizer files
+  tokenizer files, passes_report.json (what the passes stage lowered, docs/PASSES.md)
 The RTX runtime cache (`model.runtime_cache`) is JIT state made on the GPU: the runtime
 backend writes it beside the engine on first use; the build only names it.
 """
@@ -140,8 +140,8 @@ def build_stage(recipe: Recipe, onnx_dir: Path, out: Path, *, module_version: st
         (tmp / ENGINE).write_bytes(engine)
         if cache:
             (tmp / TIMING_CACHE).write_bytes(cache)
-        for f in src.tokenizer.files:
-            shutil.copyfile(Path(onnx_dir) / f, tmp / f)
+        for f in src.tokenizer.files + ((src.passes.report,) if src.passes.report else ()):
+            shutil.copyfile(Path(onnx_dir) / f, tmp / f)  # tokenizer; the passes report (what was lowered)
         recipe_dict = recipe.to_dict()
         build = BuildSection(
             target=target.name, module=target.module, module_version=version,
