@@ -2,13 +2,17 @@
 """Load test of qcn-serve on loopback: many concurrent streaming requests, checked and timed.
 
 ``--suite load`` (default): starts ``qcn-serve`` as a subprocess on a free 127.0.0.1 port, then
-sends ``--requests`` (default 64) streaming greedy completions at once with the real ``openai``
+sends ``--requests`` (default 64) streaming greedy completions at once (``--repeats`` bursts) with the real ``openai``
 async client. The server has ``--max-batch`` slots (default: the artifact's, 4 for pico), so
 most requests wait in its queue first. Each request's streamed text must equal the text of the
 same prompt generated alone by the runtime in this process beforehand (``generate()``, one
 prompt at a time): none lost, none corrupted. Reported: time to first token (request sent ->
 first streamed chunk) and inter-token latency (gaps between chunks of one request) p50/p99,
-and total generated tokens/s (sum of ``usage.completion_tokens`` / wall time of the burst).
+and total generated tokens/s (sum of ``usage.completion_tokens`` / wall time of the burst),
+against a peer measured in the same run, interleaved with the bursts: the same prompts through
+``generate()`` directly, ``max_batch`` at a time. (The client runs in this process and shares
+the CPUs with the server during a burst but not during the peer's pass, which the ratio
+therefore understates in the server's disfavour on a small machine.)
 
 ``--suite multiturn``: a ``--turns``-turn chat (default 10) where every turn resends the whole
 conversation plus a new user message, greedy, run twice on fresh servers: with exact state
@@ -62,6 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--suite", default="load", help="comma-separated: load, multiturn")
     p.add_argument("--requests", type=int, default=64, help="concurrent streaming requests (load)")
     p.add_argument("--max-tokens", type=int, default=32, help="max_tokens per request (load)")
+    p.add_argument("--repeats", type=int, default=3, help="bursts, each after a direct generate() pass (load; medians reported)")
     p.add_argument("--max-batch", type=int, default=None, help="server slots (default: the artifact's runtime.max_batch)")
     p.add_argument("--threads", type=int, default=None, help="ORT threads of the server (default: one per physical core)")
     p.add_argument("--turns", type=int, default=10, help="turns of the multi-turn chat")
@@ -147,43 +152,53 @@ def suite_load(args) -> dict:
 
     prompts = [f"# example {i}\n" + BASES[i % len(BASES)] for i in range(args.requests)]
     t0 = time.perf_counter()
-    with load(args.artifact, threads=args.threads, max_batch=args.max_batch) as g:
-        params = g.params(temperature=0.0, max_new_tokens=args.max_tokens)
-        refs = [g.generate([p], params)[0].text for p in prompts]
-        ref_s = time.perf_counter() - t0
-        # the peer: the same prompts through generate() directly, max_batch at a time (no HTTP,
-        # no scheduler), timed just before the server runs
-        b = g.session.max_batch
-        t1 = time.perf_counter()
-        direct = [r for i in range(0, len(prompts), b) for r in g.generate(prompts[i : i + b], params)]
-        direct_s = time.perf_counter() - t1
-    direct_tokens = sum(len(r.token_ids) for r in direct)
+    g = load(args.artifact, threads=args.threads, max_batch=args.max_batch)
+    params = g.params(temperature=0.0, max_new_tokens=args.max_tokens)
+    refs = [g.generate([p], params)[0].text for p in prompts]
+    ref_s = time.perf_counter() - t0
     srv = ServerProcess(args.artifact, max_batch=args.max_batch, threads=args.threads)
+    reps = []
     try:
-        async def burst():
-            client = openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=args.timeout)
-            t = time.perf_counter()
-            res = await asyncio.wait_for(asyncio.gather(*(stream_one(client, p, args.max_tokens) for p in prompts), return_exceptions=True), args.timeout)
-            await client.close()
-            return res, t
+        for _ in range(args.repeats):
+            # the peer: the same prompts through generate() directly, max_batch at a time (no
+            # HTTP, no scheduler thread), interleaved with the bursts (the server sits idle)
+            b = g.session.max_batch
+            t1 = time.perf_counter()
+            direct = [r for i in range(0, len(prompts), b) for r in g.generate(prompts[i : i + b], params)]
+            direct_tps = sum(len(r.token_ids) for r in direct) / (time.perf_counter() - t1)
 
-        results, t_start = asyncio.run(burst())
-        slots = int(float(next(l.split()[-1] for l in srv.metrics().splitlines() if l.startswith("qcn_running_sequences "))))  # 0 now: sanity
+            async def burst():
+                client = openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=args.timeout)
+                t = time.perf_counter()
+                res = await asyncio.wait_for(asyncio.gather(*(stream_one(client, p, args.max_tokens) for p in prompts), return_exceptions=True), args.timeout)
+                await client.close()
+                return res, t
+
+            results, t_start = asyncio.run(burst())
+            ok = [r for r in results if not isinstance(r, BaseException)]
+            wall = max(r["end"] for r in ok) - t_start if ok else float("nan")
+            total = sum(r["tokens"] for r in ok)
+            reps.append({
+                "errors": [repr(r) for r in results if isinstance(r, BaseException)][:5], "lost": len(prompts) - len(ok),
+                "corrupted": sum(1 for r, want in zip(results, refs) if not isinstance(r, BaseException) and r["text"] != want),
+                "ttft": [r["ttft"] for r in ok], "itl": [x for r in ok for x in r["itl"]], "wall_s": wall, "tokens": total,
+                "tokens_per_s": total / wall if ok else 0.0, "direct_tokens_per_s": direct_tps,
+            })
+        running_after = int(float(next(l.split()[-1] for l in srv.metrics().splitlines() if l.startswith("qcn_running_sequences "))))
     finally:
         srv.close()
-    errors = [repr(r) for r in results if isinstance(r, BaseException)]
-    ok = [r for r in results if not isinstance(r, BaseException)]
-    corrupted = sum(1 for r, want in zip(results, refs) if not isinstance(r, BaseException) and r["text"] != want)
-    wall = max(r["end"] for r in ok) - t_start if ok else float("nan")
-    ttft = [r["ttft"] for r in ok]
-    itl = [x for r in ok for x in r["itl"]]
-    total = sum(r["tokens"] for r in ok)
+        g.close()
+    ttft = [x for r in reps for x in r["ttft"]]
+    itl = [x for r in reps for x in r["itl"]]
     return {
-        "requests": args.requests, "completed": len(ok), "errors": errors[:5], "lost": args.requests - len(ok), "corrupted": corrupted,
-        "running_after": slots, "max_tokens": args.max_tokens, "wall_s": wall, "generated_tokens": total, "tokens_per_s": total / wall if ok else 0.0,
+        "requests": args.requests, "repeats": args.repeats, "completed": sum(args.requests - r["lost"] for r in reps), "errors": [e for r in reps for e in r["errors"]][:5],
+        "lost": sum(r["lost"] for r in reps), "corrupted": sum(r["corrupted"] for r in reps), "running_after": running_after, "max_tokens": args.max_tokens,
+        "generated_tokens": [r["tokens"] for r in reps], "wall_s": [r["wall_s"] for r in reps],
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in reps), "direct_batched_tokens_per_s": statistics.median(r["direct_tokens_per_s"] for r in reps),
+        "server_vs_direct_per_repeat": [r["tokens_per_s"] / r["direct_tokens_per_s"] for r in reps],
+        "server_vs_direct": statistics.median(r["tokens_per_s"] / r["direct_tokens_per_s"] for r in reps),
         "ttft_p50_ms": 1e3 * pct(ttft, 0.5), "ttft_p99_ms": 1e3 * pct(ttft, 0.99),
         "itl_p50_ms": 1e3 * pct(itl, 0.5), "itl_p99_ms": 1e3 * pct(itl, 0.99), "reference_s": ref_s,
-        "direct_batched_tokens_per_s": direct_tokens / direct_s, "server_vs_direct": (total / wall) / (direct_tokens / direct_s) if ok else 0.0,
     }
 
 
@@ -240,10 +255,10 @@ def main(argv=None) -> int:
            "cpus": os.cpu_count(), "load_avg_start": os.getloadavg()[0], "argv": sys.argv[1:]}
     if "load" in suites:
         out["load"] = r = suite_load(args)
-        print(f"load: {r['completed']}/{r['requests']} completed, {r['lost']} lost, {r['corrupted']} corrupted (vs single-request greedy); "
+        print(f"load: {r['repeats']} bursts of {r['requests']}: {r['completed']} completed, {r['lost']} lost, {r['corrupted']} corrupted (vs single-request greedy); "
               f"TTFT p50 {r['ttft_p50_ms']:.1f} ms p99 {r['ttft_p99_ms']:.1f} ms; ITL p50 {r['itl_p50_ms']:.2f} ms p99 {r['itl_p99_ms']:.2f} ms; "
-              f"{r['generated_tokens']} tokens in {r['wall_s']:.2f} s = {r['tokens_per_s']:.1f} tokens/s; "
-              f"generate() directly in batches of max_batch: {r['direct_batched_tokens_per_s']:.1f} tokens/s (server/direct {r['server_vs_direct']:.2f}x)")
+              f"median {r['tokens_per_s']:.1f} tokens/s; generate() directly in batches of max_batch: median {r['direct_batched_tokens_per_s']:.1f} tokens/s; "
+              f"server/direct per burst " + " ".join(f"{x:.2f}x" for x in r["server_vs_direct_per_repeat"]) + f" (median {r['server_vs_direct']:.2f}x)")
     if "multiturn" in suites:
         out["multiturn"] = m = suite_multiturn(args)
         print(f"multiturn: {m['turns']} turns, replies identical with and without reuse: {m['identical']}")

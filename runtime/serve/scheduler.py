@@ -4,8 +4,9 @@ Every iteration of the loop
 
 1. drops cancelled requests (their slot is released at once),
 2. admits waiting requests into free slots (restoring a kept prefix state when one matches),
-3. runs ONE prefill chunk (``runtime.prefill_chunk`` tokens) of the oldest request still
-   prefilling, so a long prompt never stalls the running streams for more than one chunk,
+3. prefills at most ``runtime.prefill_chunk`` tokens: the next chunk of the oldest request
+   still prefilling, or several short prompts whole, so a long prompt never stalls the
+   running streams for more than one chunk,
 4. runs ONE batched decode step over every sequence that has its first token.
 
 Sampling, stop strings, EOS handling and incremental detokenization are the runtime's own
@@ -323,13 +324,26 @@ class Scheduler:
         self.prefix_cache.put(tokens, lambda: self.session.snapshot(a.handle))
 
     def _prefill_one(self) -> None:
+        """Prefill chunks worth at most ``prefill_chunk`` tokens in all (at least one chunk):
+        one long prompt's next chunk, or the whole of several short ones. Chunks are never
+        cut to fit (their boundaries stay at multiples of the chunk size)."""
         todo = [a for a in self._active if a.pos < len(a.req.prompt_ids)]
-        if not todo:
-            return
-        a = next((a for a in todo if not a.req.internal), todo[0])  # requests before background work
+        todo.sort(key=lambda a: a.req.internal)  # requests before background work (stable)
+        n = self.session.prefill_chunk
+        budget = n
+        for a in todo:
+            ids = a.req.prompt_ids
+            chunk = ids[a.pos : min(len(ids), (a.pos // n + 1) * n)]  # aligned to multiples of n
+            if len(chunk) > budget and budget < n:
+                break
+            budget -= len(chunk)
+            self._prefill_chunk(a, chunk)
+            if budget <= 0:
+                break
+
+    def _prefill_chunk(self, a: _Active, chunk: list[int]) -> None:
         ids = a.req.prompt_ids
         n = self.session.prefill_chunk
-        chunk = ids[a.pos : min(len(ids), (a.pos // n + 1) * n)]  # aligned to multiples of n
         logits = self.session.prefill(a.handle, chunk)
         a.pos += len(chunk)
         if a.pos == len(ids) // n * n:  # the last chunk boundary of the prompt
