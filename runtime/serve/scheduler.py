@@ -219,7 +219,7 @@ class Scheduler:
 
     def _gauges(self) -> None:
         if self.metrics is not None:
-            self.metrics.set_load(queue_depth=len(self._waiting), running=len(self._active))
+            self.metrics.set_load(queue_depth=len(self._waiting), running=self.running)
 
     def _finish(self, req: Request, ev: Event) -> None:
         req.finished = True
@@ -233,7 +233,8 @@ class Scheduler:
     def _release(self, a: _Active) -> None:
         if a in self._active:
             self._active.remove(a)
-            self.session.release(a.handle)
+            if a.handle is not None:  # None: it failed before it got its slot
+                self.session.release(a.handle)
             self._gauges()
 
     def _drop_cancelled(self) -> None:
