@@ -14,13 +14,20 @@ from pathlib import Path
 
 import numpy as np
 
+from qcn.artifact.dtypes import DTYPES, from_onnx
 from ..errors import ArtifactError
 
 __all__ = ["ExternalTensor", "external_initializers", "WeightMaps"]
 
-# TensorProto.DataType -> numpy (types numpy cannot hold, e.g. bfloat16, stay with ONNX Runtime)
-_NP = {1: np.float32, 2: np.uint8, 3: np.int8, 4: np.uint16, 5: np.int16, 6: np.int32, 7: np.int64, 9: np.bool_,
-       10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64}
+
+def _numpy(elem_type: int) -> np.dtype | None:
+    """numpy dtype of an ONNX elem type (qcn.artifact's table); None for one numpy cannot hold
+    (e.g. bfloat16) or the table lacks: ONNX Runtime then loads that tensor itself."""
+    try:
+        d = DTYPES[from_onnx(elem_type)]
+    except ArtifactError:
+        return None
+    return np.dtype(d.numpy) if d.numpy else None
 
 
 @dataclass(frozen=True)
@@ -136,7 +143,7 @@ class WeightMaps:
     def view(self, model_path: Path, t: ExternalTensor) -> np.ndarray | None:
         """The tensor's bytes in the shared map as a numpy array, or None for a type numpy
         cannot represent (ONNX Runtime then loads that tensor itself)."""
-        dt = _NP.get(t.data_type)
+        dt = _numpy(t.data_type)
         if dt is None:
             return None
         key = (os.path.normpath(model_path.parent / t.location), t.offset, t.data_type, t.dims)
