@@ -115,7 +115,8 @@ def compile_recipe(recipe: Recipe, *, progress: bool = False, out: Path | None =
     with atomic_dir(out, force=force, protect=[ckpt_dir]) as tmp:
         written = tmp
         paths = export_graphs(cfg, checkpoint, rope, tmp, activation_dtype=act, logits=recipe.export.logits,
-                              opset=recipe.export.opset, progress=progress)
+                              opset=recipe.export.opset, progress=progress,
+                              allow_nonfinite=recipe.export.allow_nonfinite)
         for f in tokenizer.files:
             shutil.copyfile(ckpt_dir / f, tmp / f)
         graphs = {}

@@ -102,6 +102,7 @@ class ExportOptions:
     opset: int = 23
     activation_dtype: str = "float32"
     logits: str = "last"  # "last": logits of the last token only; "all": every token (tests)
+    allow_nonfinite: bool = False  # export weights holding NaN/Inf (refused by default, naming the tensor)
 
 
 @dataclass(frozen=True)
@@ -265,6 +266,8 @@ def validate(recipe: Recipe) -> Recipe:
     _choice(recipe.export.opset, OPSETS, "export.opset")
     _choice(recipe.export.activation_dtype, ACTIVATION_DTYPES, "export.activation_dtype")
     _choice(recipe.export.logits, LOGITS_MODES, "export.logits")
+    if not isinstance(recipe.export.allow_nonfinite, bool):
+        raise RecipeError(f"export.allow_nonfinite: expected true or false, got {recipe.export.allow_nonfinite!r}")
     _number(recipe.runtime.prefill_chunk, "runtime.prefill_chunk", integer=True, minimum=1)
     _number(recipe.runtime.max_batch, "runtime.max_batch", integer=True, minimum=1)
     _number(recipe.runtime.max_context, "runtime.max_context", integer=True, minimum=2)

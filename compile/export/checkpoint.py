@@ -20,7 +20,8 @@ from safetensors import safe_open
 
 from .config import CheckpointError, ModelConfig
 
-__all__ = ["TensorInfo", "Checkpoint", "open_checkpoint", "expected_tensors", "layer_tensors", "CheckpointError"]
+__all__ = ["TensorInfo", "Checkpoint", "open_checkpoint", "expected_tensors", "layer_tensors", "CheckpointError",
+           "SafetensorsWriter"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,71 @@ _DTYPES = {  # safetensors header dtype -> torch dtype
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
     "F8_E4M3": torch.float8_e4m3fn,
 }
+
+
+# safetensors' own dtype order: save_file lays tensors out by descending dtype, then by name
+_WRITE_ORDER = {torch.float8_e4m3fn: 0, torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}
+_NAMES = {v: k for k, v in _DTYPES.items()} | {torch.float16: "F16"}
+
+
+class SafetensorsWriter:
+    """One safetensors file written tensor by tensor, in any order, in bounded memory.
+
+    The layout (name -> (dtype, shape)) is known before any data exists, so the header and
+    every tensor's offset are fixed up front; `write(name, t)` puts `t`'s bytes at its offset
+    and the caller can drop `t` at once. The file is byte-identical to
+    `safetensors.torch.save_file` of the same tensors. `close()` checks that every tensor was
+    written (use as a context manager)."""
+
+    def __init__(self, path: Path | str, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        for name, (dtype, _) in layout.items():
+            if dtype not in _WRITE_ORDER:
+                raise ValueError(f"tensor {name}: dtype {dtype}; valid: {sorted(map(str, _WRITE_ORDER))}")
+        order = sorted(layout, key=lambda n: (-_WRITE_ORDER[layout[n][0]], n))
+        header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+        self._slots: dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]] = {}
+        end = 0
+        for name in order:
+            dtype, shape = layout[name]
+            nbytes = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [end, end + nbytes]}
+            self._slots[name] = (end, nbytes, dtype, tuple(shape))
+            end += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._base = 8 + len(raw)
+        self.path = Path(path)
+        self._f = open(self.path, "wb")
+        self._f.write(struct.pack("<Q", len(raw)) + raw)
+        self._f.truncate(self._base + end)
+        self._pending = set(layout)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        offset, nbytes, dtype, shape = self._slots[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(f"tensor {name}: layout says {dtype} {list(shape)}, got {tensor.dtype} {list(tensor.shape)}")
+        self._f.seek(self._base + offset)
+        if nbytes:
+            self._f.write(memoryview(tensor.contiguous().view(torch.uint8).numpy()))
+        self._pending.discard(name)
+
+    def close(self) -> None:
+        if self._f.closed:
+            return
+        self._f.close()
+        if self._pending:
+            raise ValueError(f"{self.path}: {len(self._pending)} tensors never written: {sorted(self._pending)[:8]}")
+
+    def abort(self) -> None:
+        """Close without the completeness check (the caller discards the file)."""
+        self._f.close()
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close() if exc_type is None else self.abort()
 
 
 @dataclass(frozen=True)

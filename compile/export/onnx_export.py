@@ -1,8 +1,9 @@
 """Export QcnModel to ONNX: prefill (tokens dynamic) and decode (tokens = 1) graphs.
 
 The model is traced on the meta device, so exporting needs no weights in memory. Weights are
-then streamed from the checkpoint, one tensor at a time, into a single external-data file
-(`weights.bin`) that both graphs reference. The qcn ops are emitted as opaque nodes by their
+then streamed from the checkpoint, one tensor at a time (stacked experts one expert at a
+time), into a single external-data file (`weights.bin`, `weights_file.WeightsWriter`) that
+both graphs reference. The qcn ops are emitted as opaque nodes by their
 onnxscript translations; their function bodies are attached afterwards (torch's exporter
 would inline functions it emitted itself).
 """
@@ -22,6 +23,7 @@ from ..plugins.onnx_function import DOMAIN, DOMAIN_VERSION
 from ..plugins.registry import OPS
 from .config import ModelConfig
 from .modeling import QcnModel, RopeTables
+from .weights_file import WeightsWriter
 
 log = logging.getLogger(__name__)
 
@@ -76,46 +78,36 @@ def _dynamic_shapes(layout: list[StateTensor], dynamic_tokens: bool):
     return ids, {0: batch}, states
 
 
-class WeightWriter:
-    """Streams initializers into one external-data file, each tensor written once."""
+class InitializerSource:
+    """Streams the graphs' initializers into weights.bin (a `WeightsWriter`), each written once:
+    checkpoint weights chunk by chunk from the weight map, constants (RoPE tables) as they are."""
 
-    def __init__(self, out_dir: Path, model: QcnModel, checkpoint, rope: RopeTables, progress: bool = False):
-        self.out_dir, self.model, self.checkpoint = out_dir, model, checkpoint
+    def __init__(self, writer: WeightsWriter, model: QcnModel, checkpoint, rope: RopeTables, progress: bool = False):
+        self.writer, self.model, self.checkpoint = writer, model, checkpoint
         self.specs = {s.name: s for s in model.specs}
         self.constants = model.constant_tensors(rope)
-        self.written: dict[str, tuple[int, int]] = {}
         self.progress = progress
-        self.bytes = 0
 
-    def _tensor(self, name: str) -> torch.Tensor:
+    def _write(self, name: str, shape: list[int]):
         if name in self.specs:
-            return self.specs[name].load(self.checkpoint, self.model.act_dtype)
+            spec = self.specs[name]
+            if list(spec.shape) != shape:
+                raise ValueError(f"initializer {name}: graph expects {shape}, the weight map gives {list(spec.shape)}")
+            return self.writer.write(name, spec.chunks(self.checkpoint, self.model.act_dtype), spec.source_groups())
         if name in self.constants:
-            return self.constants[name]
+            data = self.constants[name].contiguous()
+            if list(data.shape) != shape:
+                raise ValueError(f"initializer {name}: graph expects {shape}, got {list(data.shape)}")
+            return self.writer.write(name, data)
         raise KeyError(f"initializer {name!r} is neither a weight of the weight map nor a known constant")
 
-    def attach(self, model: ir.Model) -> None:
+    def attach(self, model: ir.Model, out_dir: Path) -> None:
         from tqdm.auto import tqdm
 
-        path = self.out_dir / WEIGHTS_FILE
         items = list(model.graph.initializers.items())
-        with open(path, "ab") as f:
-            for name, value in tqdm(items, desc="weights", unit="tensor", disable=not self.progress or not items):
-                if name not in self.written:
-                    data = self._tensor(name)
-                    if list(data.shape) != [d for d in value.shape]:
-                        raise ValueError(f"initializer {name}: graph expects {list(value.shape)}, got {list(data.shape)}")
-                    raw = data.contiguous().view(torch.uint8).numpy().tobytes() if data.numel() else b""
-                    offset = f.tell()
-                    # 64-byte alignment keeps every tensor mmap-friendly
-                    pad = (-offset) % 64
-                    f.write(b"\0" * pad)
-                    f.write(raw)
-                    self.written[name] = (offset + pad, len(raw))
-                    self.bytes += len(raw)
-                offset, length = self.written[name]
-                value.const_value = ir.ExternalTensor(WEIGHTS_FILE, offset, length, value.dtype, shape=value.shape,
-                                                      name=name, base_dir=str(self.out_dir))
+        for name, value in tqdm(items, desc="weights", unit="tensor", disable=not self.progress or not items):
+            loc = self.writer.locations.get(name) or self._write(name, [d for d in value.shape])
+            value.const_value = loc.ir_tensor(value, base_dir=out_dir)
 
 
 def _trace(model: QcnModel, layout, dynamic_tokens: bool, opset: int) -> ir.Model:
@@ -148,21 +140,29 @@ def _finish(model: ir.Model, opset: int) -> onnx.ModelProto:
 
 
 def export_graphs(cfg: ModelConfig, checkpoint, rope: RopeTables, out_dir: Path, *, activation_dtype: str,
-                  logits: str, opset: int, progress: bool = False) -> dict[str, Path]:
-    """Write prefill.onnx, decode.onnx and weights.bin into `out_dir`; return the graph paths."""
+                  logits: str, opset: int, progress: bool = False, allow_nonfinite: bool = False) -> dict[str, Path]:
+    """Write prefill.onnx, decode.onnx and weights.bin into `out_dir`; return the graph paths.
+
+    Weights stream from the checkpoint into weights.bin one tensor (one expert of a stacked
+    expert tensor) at a time: peak memory is set by the largest tensor, not by the model.
+    NaN/Inf in a weight raises `NonFiniteWeightError` naming it, unless `allow_nonfinite`."""
     if activation_dtype not in DTYPES:
         raise ValueError(f"activation dtype {activation_dtype!r}; valid: {tuple(DTYPES)}")
     layout = state_layout(cfg, activation_dtype)
     model = QcnModel(cfg, rope, DTYPES[activation_dtype], logits=logits, device="meta").eval()
-    writer = WeightWriter(out_dir, model, checkpoint, rope, progress)
     paths = {}
-    for graph in GRAPHS:
-        log.info("exporting %s graph", graph)
-        ir_model = _trace(model, layout, dynamic_tokens=(graph == "prefill"), opset=opset)
-        writer.attach(ir_model)
-        proto = _finish(ir_model, opset)
-        paths[graph] = out_dir / f"{graph}.onnx"
-        onnx.save(proto, paths[graph])
-        onnx.checker.check_model(str(paths[graph]), full_check=True)
-    log.info("wrote %d weight tensors, %.1f MB", len(writer.written), writer.bytes / 1e6)
+    with WeightsWriter(out_dir / WEIGHTS_FILE, allow_nonfinite=allow_nonfinite) as writer:
+        source = InitializerSource(writer, model, checkpoint, rope, progress)
+        for graph in GRAPHS:
+            log.info("exporting %s graph", graph)
+            ir_model = _trace(model, layout, dynamic_tokens=(graph == "prefill"), opset=opset)
+            source.attach(ir_model, out_dir)
+            writer.flush()
+            proto = _finish(ir_model, opset)
+            paths[graph] = out_dir / f"{graph}.onnx"
+            onnx.save(proto, paths[graph])
+            onnx.checker.check_model(str(paths[graph]), full_check=True)
+    for name, (nan, inf) in writer.nonfinite.items():
+        log.warning("weight %s holds %d NaN and %d Inf values (exported: export.allow_nonfinite is set)", name, nan, inf)
+    log.info("wrote %d weight tensors, %.1f MB", len(writer.locations), writer.bytes_written / 1e6)
     return paths

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from .checkpoint import CheckpointError, expected_tensors, layer_tensors, open_checkpoint
+from .checkpoint import (SINGLE_FILE, CheckpointError, SafetensorsWriter, expected_tensors, layer_tensors,
+                         open_checkpoint)
 from .config import ModelConfig, load_model_config
 
 __all__ = ["TinySpec", "TINY_SPECS", "SPECIAL_TOKENS", "config_dict", "train_bpe_tokenizer", "write_tokenizer",
@@ -322,38 +322,62 @@ def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
+def _stored(name: str, shape: tuple[int, ...], dtype: torch.dtype, fp8_block: int | None,
+            keep: set[str]) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """What one drawn tensor becomes on disk: itself in `dtype`, or FP8 weight + fp32 block scale."""
+    if fp8_block is not None and name.endswith(".weight") and len(shape) == 2 and name.rsplit(".", 1)[0] not in keep:
+        scale = tuple(math.ceil(d / fp8_block) for d in shape)
+        return [(name, torch.float8_e4m3fn, shape), (name + "_scale_inv", torch.float32, scale)]
+    return [(name, dtype, shape)]
+
+
 def _write_tensors(out: Path, config: ModelConfig, seed: int, dtype: torch.dtype,
                    shard_max_bytes: int, fp8_block: int | None) -> None:
-    g = torch.Generator().manual_seed(seed)
+    """Draw every tensor in a fixed order and stream it into its shard at once: the shard layout
+    is planned from shapes alone, so peak memory is one tensor (fp32), whatever the model size."""
     keep = set(_not_converted(config))
-    tensors: dict[str, torch.Tensor] = {}
-    for name, shape in (expected_tensors(config) | mtp_tensors(config)).items():
-        t = _init(name, shape, g)
-        module = name.rsplit(".", 1)[0]
-        if fp8_block is not None and name.endswith(".weight") and t.dim() == 2 and module not in keep:
-            tensors[name], tensors[name + "_scale_inv"] = _quantize_fp8(t, fp8_block)
-        else:
-            tensors[name] = t.to(dtype).contiguous()
-
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    drawn = expected_tensors(config) | mtp_tensors(config)
+    stored = [e for name, shape in drawn.items() for e in _stored(name, shape, dtype, fp8_block, keep)]
+    shards: list[dict[str, tuple[torch.dtype, tuple[int, ...]]]] = [{}]
     size = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
+    for name, dt, shape in stored:  # greedy, in draw order
+        nbytes = math.prod(shape) * dt.itemsize
         if shards[-1] and size + nbytes > shard_max_bytes:
             shards.append({})
             size = 0
-        shards[-1][name] = t
+        shards[-1][name] = (dt, shape)
         size += nbytes
-    meta = {"format": "pt"}
+    names = [SINGLE_FILE] if len(shards) == 1 else \
+        [f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)]
+    shard_of = {n: k for k, shard in enumerate(shards) for n in shard}
+
+    g = torch.Generator().manual_seed(seed)
+    writer, current = None, -1
+    try:
+        for name, shape in drawn.items():
+            t = _init(name, shape, g)
+            if len(_stored(name, shape, dtype, fp8_block, keep)) == 2:
+                parts = dict(zip((name, name + "_scale_inv"), _quantize_fp8(t, fp8_block)))
+            else:
+                parts = {name: t.to(dtype).contiguous()}
+            del t
+            for n, value in parts.items():
+                if shard_of[n] != current:  # shards hold consecutive runs of the draw order
+                    if writer is not None:
+                        writer.close()
+                    current = shard_of[n]
+                    writer = SafetensorsWriter(out / names[current], shards[current], metadata={"format": "pt"})
+                writer.write(n, value)
+            del parts
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    writer.close()
     if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata=meta)
         return
-    weight_map = {}
-    for k, shard in enumerate(shards, 1):
-        fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / fname), metadata=meta)
-        weight_map |= {name: fname for name in shard}
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    weight_map = {n: names[k] for n, k in shard_of.items()}
+    total = sum(math.prod(shape) * dt.itemsize for _, dt, shape in stored)
     _write_json(out / "model.safetensors.index.json",
                 {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
 

@@ -1,7 +1,10 @@
 """The weight map: every tensor of our export model, its checkpoint sources and transform.
 
-Data, not code paths (gpt-fast style): `weight_specs(cfg)` lists `WeightSpec`s; `load` reads
-the sources lazily from a `Checkpoint` and applies the transform. Layout decisions:
+Data, not code paths (gpt-fast style): `weight_specs(cfg)` lists `WeightSpec`s; `chunks` reads
+the sources lazily from a `Checkpoint` and yields the transformed tensor in pieces whose bytes,
+concatenated, are the tensor (one piece, or one per expert for the stacked expert weights), so
+the export streams them into weights.bin and never holds more than one piece; `load` is the
+whole tensor (for running the model eagerly in tests). Layout decisions:
 - projections are stored [in, out] so the graph is a plain `MatMul(x, W)` (no weight-only ops
   for the optimizer to fold, and the passes see ordinary MatMuls);
 - in_proj_qkvz / in_proj_ba rows are de-interleaved once here (transformers'
@@ -14,6 +17,7 @@ the sources lazily from a `Checkpoint` and applies the transform. Layout decisio
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Callable
 
 import torch
@@ -30,16 +34,35 @@ class WeightSpec:
     sources: tuple[str, ...]  # checkpoint tensor names
     transform: Transform
     fp32: bool = False  # kept in fp32 whatever the activation dtype
+    # > 0: the tensor is `stacked` slices along dim 0; slice e = transform(e-th equal group of sources)
+    stacked: int = 0
+
+    def source_groups(self) -> list[tuple[str, ...]]:
+        """The checkpoint tensors of each chunk `chunks` yields, in order."""
+        if not self.stacked:
+            return [self.sources]
+        k = len(self.sources) // self.stacked
+        return [self.sources[e * k:(e + 1) * k] for e in range(self.stacked)]
+
+    def chunks(self, checkpoint, act_dtype: torch.dtype) -> Iterator[torch.Tensor]:
+        """The tensor as contiguous chunks along dim 0 (one per group of `source_groups`).
+
+        Only fp32 specs compute ((1 + w) norms); the other transforms move data, so reading the
+        sources in the target dtype gives the same bits at half the peak memory for bf16."""
+        dtype = torch.float32 if self.fp32 else act_dtype
+        want = self.shape[1:] if self.stacked else self.shape
+        for group in self.source_groups():
+            t = self.transform([checkpoint.get(s, dtype=dtype) for s in group]).to(dtype).contiguous()
+            if tuple(t.shape) != want:
+                raise ValueError(f"weight {self.name}: transform of {group} gave {list(t.shape)}, "
+                                 f"expected {list(want)}")
+            yield t
+            del t
 
     def load(self, checkpoint, act_dtype: torch.dtype) -> torch.Tensor:
-        # only fp32 specs compute ((1 + w) norms); the other transforms move data, so reading the
-        # sources in the target dtype gives the same bits at half the peak memory for bf16
-        dtype = torch.float32 if self.fp32 else act_dtype
-        t = self.transform([checkpoint.get(s, dtype=dtype) for s in self.sources]).to(dtype).contiguous()
-        if tuple(t.shape) != self.shape:
-            raise ValueError(f"weight {self.name}: transform of {self.sources} gave {list(t.shape)}, "
-                             f"expected {list(self.shape)}")
-        return t
+        """The whole tensor (tests and eager runs; the export streams `chunks` instead)."""
+        parts = list(self.chunks(checkpoint, act_dtype))
+        return torch.stack(parts) if self.stacked else parts[0]
 
 
 def _t(ts):  # nn.Linear [out, in] -> [in, out]
@@ -76,16 +99,6 @@ def _ba(cfg: ModelConfig) -> Transform:
     return f
 
 
-def _stack_gate_up(n: int) -> Transform:
-    def f(ts):  # [gate_0, up_0, gate_1, up_1, ...] -> [E, 2I, H]
-        return torch.stack([torch.cat([ts[2 * e], ts[2 * e + 1]], dim=0) for e in range(n)])
-    return f
-
-
-def _stack(ts):
-    return torch.stack(ts)
-
-
 def _cat_t(ts):  # gate [I,H], up [I,H] -> [H, 2I]
     return torch.cat(ts, dim=0).T
 
@@ -103,8 +116,8 @@ def weight_specs(cfg: ModelConfig) -> list[WeightSpec]:
     specs = [WeightSpec("embed_tokens", (V, H), ("model.embed_tokens.weight",), _one)]
     for i in range(cfg.num_hidden_layers):
         src, dst = f"model.layers.{i}", f"layers.{i}"
-        w = lambda name, shape, sources, fn, fp32=False: specs.append(  # noqa: E731
-            WeightSpec(f"{dst}.{name}", tuple(shape), tuple(f"{src}.{s}" for s in sources), fn, fp32))
+        w = lambda name, shape, sources, fn, fp32=False, stacked=0: specs.append(  # noqa: E731
+            WeightSpec(f"{dst}.{name}", tuple(shape), tuple(f"{src}.{s}" for s in sources), fn, fp32, stacked))
         w("input_norm", (H,), ["input_layernorm.weight"], _one_plus, True)
         w("post_norm", (H,), ["post_attention_layernorm.weight"], _one_plus, True)
         if cfg.layer_types[i] == "linear_attention":
@@ -132,9 +145,10 @@ def weight_specs(cfg: ModelConfig) -> list[WeightSpec]:
         if cfg.is_moe_layer(i):
             E, I, Is = cfg.num_experts, cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size
             w("router", (E, H), ["mlp.gate.weight"], _one)
+            # stacked expert by expert: slice e = cat(gate_e, up_e) [2I, H] (gate rows first), down_e [H, I]
             w("experts_gate_up", (E, 2 * I, H),
-              [f"mlp.experts.{e}.{p}_proj.weight" for e in range(E) for p in ("gate", "up")], _stack_gate_up(E))
-            w("experts_down", (E, H, I), [f"mlp.experts.{e}.down_proj.weight" for e in range(E)], _stack)
+              [f"mlp.experts.{e}.{p}_proj.weight" for e in range(E) for p in ("gate", "up")], _cat, stacked=E)
+            w("experts_down", (E, H, I), [f"mlp.experts.{e}.down_proj.weight" for e in range(E)], _one, stacked=E)
             w("shared_gate_up", (2 * Is, H), ["mlp.shared_expert.gate_proj.weight", "mlp.shared_expert.up_proj.weight"], _cat)
             w("shared_down", (H, Is), ["mlp.shared_expert.down_proj.weight"], _one)
             w("shared_gate", (1, H), ["mlp.shared_expert_gate.weight"], _one)
