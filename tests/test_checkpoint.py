@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qcn.compile.export.checkpoint import expected_tensors, open_checkpoint
+from qcn.compile.export.checkpoint import SafetensorsWriter, expected_tensors, open_checkpoint
 from qcn.compile.export.config import CheckpointError, ModelConfig, load_model_config
 from qcn.compile.export.tiny import TINY_SPECS, write_tiny_checkpoint
 
@@ -265,3 +265,38 @@ def test_transformers_save_pretrained_output_is_accepted(single, tmp_path):
     assert ck.names() == ref.names() and not ck.mtp_names
     for n in ck.names():
         assert torch.equal(ck.get(n), ref.get(n)), n
+
+
+def _st_tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    return {"z.w": torch.randn(3, 5, generator=g), "a.w": torch.randn(7, generator=g).to(torch.bfloat16),
+            "m.scale": torch.randn(2, 2, generator=g), "b.w": torch.randn(4, 3, generator=g).to(torch.float8_e4m3fn),
+            "h": torch.randn(6, generator=g).to(torch.float16), "empty": torch.zeros(0, 4),
+            "a.v": torch.randn(1, generator=g).to(torch.bfloat16)}
+
+
+@pytest.mark.parametrize("metadata", [{"format": "pt"}, None])
+def test_safetensors_writer_is_byte_identical_to_save_file(tmp_path, metadata):
+    """Tensors written one at a time, in any order, give save_file's exact bytes (and the
+    checkpoint reader reads them back)."""
+    tensors = _st_tensors()
+    save_file(tensors, str(tmp_path / "ref.safetensors"), metadata=metadata)
+    layout = {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()}
+    with SafetensorsWriter(tmp_path / "model.safetensors", layout, metadata=metadata) as w:
+        for name in reversed(list(tensors)):
+            w.write(name, tensors[name])
+    assert (tmp_path / "model.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    back = load_file(str(tmp_path / "model.safetensors"))
+    assert all(torch.equal(back[n].view(torch.uint8), t.view(torch.uint8)) for n, t in tensors.items())
+
+
+def test_safetensors_writer_refuses_mismatch_and_missing_tensors(tmp_path):
+    layout = {"a": (torch.float32, (2, 3)), "b": (torch.bfloat16, (4,))}
+    w = SafetensorsWriter(tmp_path / "x.safetensors", layout)
+    with pytest.raises(ValueError, match=r"tensor a: layout says torch.float32 \[2, 3\]"):
+        w.write("a", torch.zeros(3, 2))
+    w.write("a", torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"1 tensors never written: \['b'\]"):
+        w.close()
+    with pytest.raises(ValueError, match="dtype"):
+        SafetensorsWriter(tmp_path / "y.safetensors", {"i": (torch.int64, (1,))})
