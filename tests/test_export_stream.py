@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qcn.compile.export import weights_file
+from qcn.compile.export import weights, weights_file
 from qcn.compile.export.checkpoint import CheckpointError, open_checkpoint
 from qcn.compile.export.config import load_model_config
 from qcn.compile.export.tiny import TINY_SPECS, write_tiny_checkpoint
@@ -80,18 +80,20 @@ def test_weights_byte_identical_to_the_export_before_streaming(ckpt, tmp_path, a
 
 def test_stacked_experts_are_written_expert_by_expert(ckpt, tmp_path, monkeypatch):
     """No chunk handed to the writer is larger than one expert's slice (a regression to
-    materialising [E, 2I, H] whole fails here), and every tensor starts 64-byte aligned."""
+    materialising [E, 2I, H] whole fails here), transposed weights go in row blocks, and every
+    tensor starts 64-byte aligned."""
+    monkeypatch.setattr(weights, "BLOCK_BYTES", 40_000)  # tiny model: make lm_head's row blocks visible
     seen: dict[str, list[tuple[int, ...]]] = {}
     real_write = WeightsWriter.write
 
-    def spy(self, name, chunks, sources=None):
+    def spy(self, name, chunks):
         chunks = [chunks] if isinstance(chunks, torch.Tensor) else chunks
 
         def record():
-            for c in chunks:
-                seen.setdefault(name, []).append(tuple(c.shape))
-                yield c
-        return real_write(self, name, record(), sources)
+            for item in chunks:
+                seen.setdefault(name, []).append(tuple((item[1] if isinstance(item, tuple) else item).shape))
+                yield item
+        return real_write(self, name, record())
 
     monkeypatch.setattr(WeightsWriter, "write", spy)
     out = compile_recipe(_recipe(ckpt, tmp_path / "a"))
@@ -100,6 +102,9 @@ def test_stacked_experts_are_written_expert_by_expert(ckpt, tmp_path, monkeypatc
     assert seen["layers.0.experts_gate_up"] == [(2 * I, H)] * E
     assert seen["layers.0.experts_down"] == [(H, I)] * E
     assert seen["embed_tokens"] == [(cfg.vocab_size, H)]
+    lm_rows = weights.BLOCK_BYTES // (cfg.vocab_size * 4)  # lm_head [H, V] is a transpose: row blocks
+    assert seen["lm_head"] == [(lm_rows, cfg.vocab_size)] * (H // lm_rows) + \
+        ([(H % lm_rows, cfg.vocab_size)] if H % lm_rows else [])
     proto = onnx.load(str(out / "prefill.onnx"), load_external_data=False)
     ext = [{e.key: e.value for e in t.external_data} for t in proto.graph.initializer]
     offsets = [int(e.get("offset", 0)) for e in ext if e.get("location") == "weights.bin"]
@@ -110,11 +115,15 @@ def test_chunks_concatenate_to_load(ckpt):
     """The streamed pieces are exactly the whole tensor `load` gives (what eager tests run)."""
     cfg, ck = load_model_config(ckpt), open_checkpoint(ckpt)
     for spec in weight_specs(cfg):
-        if spec.stacked or spec.name in ("embed_tokens", "layers.0.in_proj_qkvz"):
+        if spec.stacked or spec.name in ("embed_tokens", "layers.0.in_proj_qkvz", "layers.3.o_proj"):
             whole = spec.load(ck, torch.bfloat16)
             parts = list(spec.chunks(ck, torch.bfloat16))
-            assert len(parts) == max(spec.stacked, 1) == len(spec.source_groups())
-            assert torch.equal(torch.cat([p.reshape(-1) for p in parts]), whole.reshape(-1)), spec.name
+            assert [g for g, _ in parts] == spec.source_groups()
+            assert whole.shape == spec.shape
+            if spec.stacked:
+                assert torch.equal(torch.stack([p for _, p in parts]), whole), spec.name
+            else:
+                assert torch.equal(parts[0][1], whole), spec.name
 
 
 def _poison(ckpt: Path, tmp_path: Path, value: float) -> Path:
@@ -182,7 +191,7 @@ def test_weights_writer_locations_alignment_and_chunks(tmp_path):
     b = torch.randn(3, 5).to(torch.bfloat16)
     with WeightsWriter(tmp_path / "w.bin") as w:
         la = w.write("a", a)
-        lb = w.write("b", (b[:1].contiguous(), b[1:].contiguous()), [("x",), ("y",)])
+        lb = w.write("b", ((("x",), b[:1].contiguous()), (("y",), b[1:].contiguous())))
         le = w.write("empty", torch.zeros(0))
         with pytest.raises(ValueError, match="already written"):
             w.write("a", a)
@@ -198,7 +207,16 @@ def test_weights_writer_names_the_source_of_the_bad_chunk(tmp_path):
     good, bad = torch.ones(4, 4), torch.ones(4, 4)
     bad[2, 1] = float("inf")
     with WeightsWriter(tmp_path / "w.bin") as w, pytest.raises(NonFiniteWeightError) as e:
-        w.write("stack", iter([good, bad]), [("src.0",), ("src.1",)])
+        w.write("stack", iter([(("src.0",), good), (("src.1",), bad)]))
     assert "stack" in str(e.value) and "src.1" in str(e.value) and "[2, 1]" in str(e.value)
     assert "src.0" not in str(e.value)
     assert weights_file._nonfinite(torch.ones(3, dtype=torch.bfloat16)) is None
+
+
+def test_transposed_weight_is_copied_in_row_blocks_equal_to_the_whole(ckpt, monkeypatch):
+    monkeypatch.setattr(weights, "BLOCK_BYTES", 30_000)
+    cfg, ck = load_model_config(ckpt), open_checkpoint(ckpt)
+    spec = next(s for s in weight_specs(cfg) if s.name == "lm_head")
+    parts = [c for _, c in spec.chunks(ck, torch.float32)]
+    assert len(parts) > 1 and all(p.is_contiguous() and p.numel() * 4 <= 30_000 for p in parts)
+    assert torch.equal(torch.cat(parts), ck.get("lm_head.weight").T)

@@ -93,7 +93,7 @@ class InitializerSource:
             spec = self.specs[name]
             if list(spec.shape) != shape:
                 raise ValueError(f"initializer {name}: graph expects {shape}, the weight map gives {list(spec.shape)}")
-            return self.writer.write(name, spec.chunks(self.checkpoint, self.model.act_dtype), spec.source_groups())
+            return self.writer.write(name, spec.chunks(self.checkpoint, self.model.act_dtype))
         if name in self.constants:
             data = self.constants[name].contiguous()
             if list(data.shape) != shape:

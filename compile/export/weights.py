@@ -1,9 +1,10 @@
 """The weight map: every tensor of our export model, its checkpoint sources and transform.
 
 Data, not code paths (gpt-fast style): `weight_specs(cfg)` lists `WeightSpec`s; `chunks` reads
-the sources lazily from a `Checkpoint` and yields the transformed tensor in pieces whose bytes,
-concatenated, are the tensor (one piece, or one per expert for the stacked expert weights), so
-the export streams them into weights.bin and never holds more than one piece; `load` is the
+the sources lazily from a `Checkpoint` (safetensors mmaps them: file-backed pages, not heap) and
+yields the transformed tensor in pieces whose bytes, concatenated, are the tensor (one per
+expert for the stacked expert weights, row blocks of a transposed weight), so the export
+streams them into weights.bin and never holds more than one piece; `load` is the
 whole tensor (for running the model eagerly in tests). Layout decisions:
 - projections are stored [in, out] so the graph is a plain `MatMul(x, W)` (no weight-only ops
   for the optimizer to fold, and the passes see ordinary MatMuls);
@@ -25,6 +26,7 @@ import torch
 from .config import ModelConfig
 
 Transform = Callable[[list[torch.Tensor]], torch.Tensor]
+BLOCK_BYTES = 64 << 20  # largest copy `WeightSpec.chunks` makes of a strided (transposed) weight
 
 
 @dataclass(frozen=True)
@@ -38,31 +40,39 @@ class WeightSpec:
     stacked: int = 0
 
     def source_groups(self) -> list[tuple[str, ...]]:
-        """The checkpoint tensors of each chunk `chunks` yields, in order."""
+        """The checkpoint tensors each slice is computed from (one group unless `stacked`)."""
         if not self.stacked:
             return [self.sources]
         k = len(self.sources) // self.stacked
         return [self.sources[e * k:(e + 1) * k] for e in range(self.stacked)]
 
-    def chunks(self, checkpoint, act_dtype: torch.dtype) -> Iterator[torch.Tensor]:
-        """The tensor as contiguous chunks along dim 0 (one per group of `source_groups`).
+    def chunks(self, checkpoint, act_dtype: torch.dtype) -> Iterator[tuple[tuple[str, ...], torch.Tensor]]:
+        """(sources, contiguous chunk) pairs along dim 0 whose bytes, concatenated, are the tensor.
 
-        Only fp32 specs compute ((1 + w) norms); the other transforms move data, so reading the
-        sources in the target dtype gives the same bits at half the peak memory for bf16."""
+        One slice per source group (per expert when `stacked`); a slice that the transform
+        leaves as a strided view (a transpose) is copied out in row blocks of at most
+        BLOCK_BYTES, so a [H, V] lm_head never exists as a second full copy. Only fp32 specs
+        compute ((1 + w) norms); the other transforms move data, so reading the sources in the
+        target dtype gives the same bits at half the peak memory for bf16."""
         dtype = torch.float32 if self.fp32 else act_dtype
         want = self.shape[1:] if self.stacked else self.shape
         for group in self.source_groups():
-            t = self.transform([checkpoint.get(s, dtype=dtype) for s in group]).to(dtype).contiguous()
+            t = self.transform([checkpoint.get(s, dtype=dtype) for s in group]).to(dtype)
             if tuple(t.shape) != want:
                 raise ValueError(f"weight {self.name}: transform of {group} gave {list(t.shape)}, "
                                  f"expected {list(want)}")
-            yield t
+            if t.is_contiguous() or t.dim() == 0:
+                yield group, t.contiguous()
+            else:
+                rows = max(1, BLOCK_BYTES // max(1, t[0].numel() * t.element_size()))
+                for r in range(0, t.shape[0], rows):
+                    yield group, t[r:r + rows].contiguous()
             del t
 
     def load(self, checkpoint, act_dtype: torch.dtype) -> torch.Tensor:
         """The whole tensor (tests and eager runs; the export streams `chunks` instead)."""
-        parts = list(self.chunks(checkpoint, act_dtype))
-        return torch.stack(parts) if self.stacked else parts[0]
+        whole = torch.cat([c.reshape(-1) for _, c in self.chunks(checkpoint, act_dtype)])
+        return whole.reshape(self.shape)
 
 
 def _t(ts):  # nn.Linear [out, in] -> [in, out]

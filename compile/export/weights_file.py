@@ -9,8 +9,8 @@ by the largest tensor, never by the model:
             loc = w.write(spec.name, chunks_of(spec))  # chunks written as produced, then dropped
             value.const_value = loc.ir_tensor(value, base_dir=out_dir)
 
-A tensor is given as an iterable of C-contiguous chunks whose bytes, concatenated, are the
-tensor (a stacked expert tensor is written expert by expert, never materialised whole); each
+A tensor is given as an iterable of C-contiguous chunks (optionally paired with the names of
+what each was computed from) whose bytes, concatenated, are the tensor (a stacked expert tensor is written expert by expert, never materialised whole); each
 tensor starts at the next 64-byte-aligned offset (mmap-friendly, what ONNX Runtime and
 TensorRT map). Floating-point chunks are checked for NaN/Inf as they stream past (a
 `NonFiniteWeightError` names the tensor and its sources) unless `allow_nonfinite`.
@@ -93,10 +93,11 @@ class WeightsWriter:
         """Tensor bytes written (alignment padding not counted)."""
         return sum(loc.length for loc in self.locations.values())
 
-    def write(self, name: str, chunks: torch.Tensor | Iterable[torch.Tensor],
-              sources: Sequence[Sequence[str]] | None = None) -> ExternalLocation:
-        """Write `name` from `chunks` (one tensor, or an iterable of chunks in order) and return
-        its location. `sources[i]`: what chunk i was computed from, for error messages."""
+    def write(self, name: str, chunks: torch.Tensor | Iterable[torch.Tensor | tuple[Sequence[str], torch.Tensor]]
+              ) -> ExternalLocation:
+        """Write `name` from `chunks` and return its location. `chunks`: one tensor, or an
+        iterable (consumed lazily, in order) of contiguous chunks, each a tensor or a
+        (sources, tensor) pair naming what the chunk was computed from, for error messages."""
         if name in self.locations:
             raise ValueError(f"weight {name} was already written to {self.path}")
         if isinstance(chunks, torch.Tensor):
@@ -106,7 +107,8 @@ class WeightsWriter:
             self._f.write(b"\0" * pad)
             self._end += pad
         offset, nan, inf = self._end, 0, 0
-        for i, chunk in enumerate(chunks):
+        for i, item in enumerate(chunks):
+            sources, chunk = item if isinstance(item, tuple) else (None, item)
             if not chunk.is_contiguous():
                 raise ValueError(f"weight {name}: chunk {i} is not contiguous")
             if chunk.is_floating_point() and chunk.element_size() > 1:
@@ -117,7 +119,7 @@ class WeightsWriter:
                     nan, inf = nan + bad[0], inf + bad[1]
             if chunk.numel():
                 self._end += self._f.write(memoryview(chunk.view(torch.uint8).numpy()).cast("B"))
-            del chunk
+            del item, chunk
         if nan or inf:
             self.nonfinite[name] = (nan, inf)
         loc = ExternalLocation(self.path.name, offset, self._end - offset)
@@ -127,7 +129,7 @@ class WeightsWriter:
     def _error(self, name, i, chunk, bad, sources) -> NonFiniteWeightError:
         nan, inf, first = bad
         index = [int(x) for x in torch.unravel_index(torch.tensor(first), chunk.shape)]
-        part = f"the part computed from {', '.join(sources[i])}" if sources is not None else f"chunk {i}"
+        part = f"the part computed from {', '.join(sources)}" if sources else f"chunk {i}"
         return NonFiniteWeightError(
             f"weight {name}: {nan} NaN and {inf} Inf values in {part}, the first at index {index}; the exported "
             "model would compute NaN logits. Fix the checkpoint, or set `export.allow_nonfinite: true` in the "
