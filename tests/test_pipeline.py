@@ -154,7 +154,7 @@ def test_shipped_recipe_loads():
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"export.optimise": True}, r"export: unknown key\(s\) \['optimise'\]; valid keys: \['activation_dtype', 'logits', 'opset'\]"),
+    ({"export.optimise": True}, r"export: unknown key\(s\) \['optimise'\]; valid keys: \['activation_dtype', 'allow_nonfinite', 'logits', 'opset'\]"),
     ({"colour": "red"}, r"unknown key\(s\) \['colour'\]; valid keys: \[.*'checkpoint'"),
     ({"export.logits": "some"}, r"export.logits: 'some' is not valid; choose one of \['last', 'all'\]"),
     ({"target": "h1000"}, r"target: 'h1000' is not valid; choose one of \['cpu', 'h100', 'h200', 'a100'"),

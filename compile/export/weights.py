@@ -49,7 +49,8 @@ class WeightSpec:
     def chunks(self, checkpoint, act_dtype: torch.dtype) -> Iterator[tuple[tuple[str, ...], torch.Tensor]]:
         """(sources, contiguous chunk) pairs along dim 0 whose bytes, concatenated, are the tensor.
 
-        One slice per source group (per expert when `stacked`); a slice that the transform
+        One slice per source group (per expert when `stacked`); a dim-0 concatenation (`_cat`:
+        gate | up) yields its sources as they are (mmapped, no copy); a slice that the transform
         leaves as a strided view (a transpose) is copied out in row blocks of at most
         BLOCK_BYTES, so a [H, V] lm_head never exists as a second full copy. Only fp32 specs
         compute ((1 + w) norms); the other transforms move data, so reading the sources in the
@@ -57,6 +58,16 @@ class WeightSpec:
         dtype = torch.float32 if self.fp32 else act_dtype
         want = self.shape[1:] if self.stacked else self.shape
         for group in self.source_groups():
+            if self.transform is _cat:  # bytes of cat(a, b) along dim 0 = a's then b's: no copy at all
+                parts = [checkpoint.get(s, dtype=dtype).contiguous() for s in group]
+                got = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+                if got != want or any(p.shape[1:] != parts[0].shape[1:] for p in parts):
+                    raise ValueError(f"weight {self.name}: {group} concatenate to {[list(p.shape) for p in parts]}, "
+                                     f"expected {list(want)}")
+                for part in parts:
+                    yield group, part
+                del parts
+                continue
             t = self.transform([checkpoint.get(s, dtype=dtype) for s in group]).to(dtype)
             if tuple(t.shape) != want:
                 raise ValueError(f"weight {self.name}: transform of {group} gave {list(t.shape)}, "
