@@ -52,6 +52,9 @@ def ckpt(tmp_path_factory) -> Path:
 
 
 def _recipe(ckpt: Path, out: Path, **export) -> Recipe:
+    if export.get("activation_dtype") == "bfloat16":  # bf16 state: a GPU target's export stage
+        return Recipe(name="stream", checkpoint=ckpt, output=out, target="h100", export=ExportOptions(**export),
+                      runtime=RuntimeOptions(backend="tensorrt", max_batch=1, max_context=256))
     return Recipe(name="stream", checkpoint=ckpt, output=out, export=ExportOptions(**export),
                   runtime=RuntimeOptions(max_context=256))
 
