@@ -65,6 +65,16 @@ def _terminate_cleanly():
             signal.signal(s, h)
 
 
+def _ignore_further_interrupts(argv: list[str] | None) -> None:
+    """Run as a program (argv None), a second Ctrl-C / SIGTERM while the process reports and exits
+    must not kill it mid-way (Python restores SIG_DFL while it finalizes, so a late signal would end
+    it with -SIGINT instead of 130). Called in-process with argv, the caller's handlers are kept."""
+    if argv is None:
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            with contextlib.suppress(ValueError, OSError):
+                signal.signal(s, signal.SIG_IGN)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -84,9 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qcn-compile: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _ignore_further_interrupts(argv)
         print("\nqcn-compile: interrupted (Ctrl-C); nothing was written, temporary files removed", file=sys.stderr)
         return 130
     except Terminated as e:
+        _ignore_further_interrupts(argv)
         name = signal.Signals(e.signum).name
         print(f"qcn-compile: stopped by {name}; nothing was written, temporary files removed", file=sys.stderr)
         return 128 + e.signum

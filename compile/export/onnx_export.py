@@ -27,6 +27,12 @@ from .weights_file import WeightsWriter
 
 log = logging.getLogger(__name__)
 
+# torch.onnx's op registry logs one warning per torchvision op when torchvision is absent (it is not
+# a dependency of qcn, and no qcn graph uses it): keep that chatter away from users.
+logging.getLogger("torch.onnx._internal.exporter._registration").addFilter(
+    lambda record: not record.getMessage().startswith("torchvision is not installed")
+)
+
 QCN_OPS = tuple(e.export for e in OPS)  # the op registry's rows (plugins/registry.py)
 WEIGHTS_FILE = "weights.bin"
 GRAPHS = ("prefill", "decode")
