@@ -158,6 +158,21 @@ async def _events(queue: asyncio.Queue, request: HTTPRequest | None) -> AsyncIte
             return
 
 
+async def _final_event(server: Server, job: Request, queue: asyncio.Queue, request: HTTPRequest) -> Event | None:
+    """A non-streaming request's terminal event: its "done" event, or None when the client went
+    away (or the server is stopping); an "error" event becomes HTTP 500. The job is cancelled in
+    every case, so its slot is free when this returns."""
+    try:
+        final = None
+        async for ev in _events(queue, request):
+            final = ev
+    finally:
+        server.scheduler.cancel(job)
+    if final is not None and final.kind == "error":
+        raise APIError(500, final.text)
+    return final if final is not None and final.kind == "done" else None
+
+
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -240,15 +255,8 @@ def create_app(server: Server) -> FastAPI:
         head = {"id": rid, "created": created, "model": server.model_name}
         if req.stream:
             return StreamingResponse(_chat_stream(server, job, queue, parser, head, req.include_usage), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        try:
-            final = None
-            async for ev in _events(queue, request):
-                final = ev
-        finally:
-            server.scheduler.cancel(job)
-        if final is not None and final.kind == "error":
-            raise APIError(500, final.text)
-        if final is None or final.kind != "done":  # the client went away (or the server is stopping)
+        final = await _final_event(server, job, queue, request)
+        if final is None:  # the client went away (or the server is stopping)
             return Response(status_code=499)
         if parser is not None:
             msg = collect([parser.feed(final.text), parser.finish()])
@@ -284,15 +292,8 @@ def create_app(server: Server) -> FastAPI:
         head = {"id": rid, "object": "text_completion", "created": created, "model": server.model_name}
         if req.stream:
             return StreamingResponse(_completion_stream(server, job, queue, head, req.include_usage), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        try:
-            final = None
-            async for ev in _events(queue, request):
-                final = ev
-        finally:
-            server.scheduler.cancel(job)
-        if final is not None and final.kind == "error":
-            raise APIError(500, final.text)
-        if final is None or final.kind != "done":  # the client went away (or the server is stopping)
+        final = await _final_event(server, job, queue, request)
+        if final is None:  # the client went away (or the server is stopping)
             return Response(status_code=499)
         return {
             **head,
