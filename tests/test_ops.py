@@ -192,6 +192,25 @@ def test_attention_ignores_cache_beyond_past_len():
     np.testing.assert_array_equal(out, out2)
 
 
+@pytest.mark.parametrize("B,T,lens", [(3, 1, [0, 7, 4]), (2, 3, [7, 7]), (3, 2, [5, 2, 5]), (1, 1, [3])])
+def test_attention_nan_and_inf_beyond_past_len_never_leak(B, T, lens):
+    """NaN / inf in every unused cache row of K and V (every sequence, uniform and mixed lengths,
+    rows between the shortest and the longest length too): the output equals the reference on
+    the valid rows alone, bit for bit the same as with zeros there."""
+    P = 7
+    inputs = _attn_inputs(torch.Generator().manual_seed(31 + B * T), B, T, 4, 2, 6, P)
+    inputs["past_len"] = torch.tensor(lens, dtype=torch.int64)
+    clean = {k: v.clone() for k, v in inputs.items()}
+    for b, n in enumerate(lens):
+        clean["past_key"][b, :, n:] = 0
+        clean["past_value"][b, :, n:] = 0
+        inputs["past_key"][b, :, n:] = float("nan")
+        inputs["past_value"][b, :, n:] = float("inf") if b % 2 else float("nan")
+    out = run_op_in_ort(ATTENTION, inputs, dict(scale=0.4), [4])[0]
+    _close(out, ATTENTION.torch_op(*clean.values(), 0.4), 1e-5)
+    np.testing.assert_array_equal(out, run_op_in_ort(ATTENTION, clean, dict(scale=0.4), [4])[0])
+
+
 def test_attention_reference_vs_transformers_eager():
     g = torch.Generator().manual_seed(11)
     B, T, Hq, KVH, D, P = 2, 4, 6, 2, 8, 5

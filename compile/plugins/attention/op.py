@@ -65,6 +65,11 @@ def _translation(q, k, v, past_key, past_value, past_len, scale: float):
 
 
 def function_proto(opset: int) -> onnx.FunctionProto:
+    """One read of the cached K and one of V per step: scores against the cache and against the
+    new keys are two MatMuls joined on the small score tensor (the caches are never concatenated
+    or transposed; ORT fuses the Transpose of past_key into its MatMul as transB), and the mask is
+    built on [B, T, P+T] indices. Besides the two products the cache sees one Slice copy of the V
+    rows every sequence uses (ORT has no strided views) and a mask over the rows only some use."""
     f = FunctionBuilder(OP_NAME, opset)
     i64 = lambda v: f.const(v, "int64")  # noqa: E731
     T = lambda t, perm: f.op("Transpose", t, perm=perm)  # noqa: E731
@@ -72,16 +77,18 @@ def function_proto(opset: int) -> onnx.FunctionProto:
 
     n_new, n_cache = f.dim("q", 1), f.dim("past_key", 2)
     Hq, KVH, D = f.dim("q", 2), f.dim("k", 2), f.dim("q", 3)
-    keys = f.op("Concat", "past_key", T("k", [0, 2, 1, 3]), axis=2)  # [B, KVH, P+T, D]
-    values = f.op("Concat", "past_value", T("v", [0, 2, 1, 3]), axis=2)
 
-    # q [B,T,Hq,D] -> [B, KVH, G, T, D]: query head h = kv * G + g
-    q5 = f.op("Reshape", T("q", [0, 2, 1, 3]), f.op("Concat", i64([0]), KVH, i64([-1]), n_new, D, axis=0))
-    scores = f.op("MatMul", q5, f.op("Unsqueeze", T(keys, [0, 1, 3, 2]), i64([2])))  # [B,KVH,G,T,P+T]
+    # q [B,T,Hq,D] -> [B, KVH, G*T, D]: query head h = kv * G + g, row g * T + t
+    q4 = f.op("Reshape", T("q", [0, 2, 1, 3]), f.op("Concat", i64([0]), KVH, i64([-1]), D, axis=0))
+    s_past = f.op("MatMul", q4, T("past_key", [0, 1, 3, 2]))  # [B, KVH, G*T, P]
+    s_new = f.op("MatMul", q4, T("k", [0, 2, 3, 1]))  # [B, KVH, G*T, T]
+    scores = f.op("Concat", s_past, s_new, axis=-1)  # [B, KVH, G*T, P+T]
     scores = f.op("Mul", scores, f.op("CastLike", f.attr_const("scale", onnx.AttributeProto.FLOAT), "q"))
+    n_keys = f.op("Add", n_cache, n_new)
+    scores = f.op("Reshape", scores, f.op("Concat", i64([0]), KVH, i64([-1]), n_new, n_keys, axis=0))  # [B,KVH,G,T,P+T]
 
     # visibility [B, T, P+T]
-    j = f.op("Range", i64(0), sq(f.op("Add", n_cache, n_new)), i64(1))  # [P+T]
+    j = f.op("Range", i64(0), sq(n_keys), i64(1))  # [P+T]
     t = f.op("Unsqueeze", f.op("Range", i64(0), sq(n_new), i64(1)), i64([1]))  # [T, 1]
     in_cache = f.op("Less", j, n_cache)  # [P+T]
     past_ok = f.op("And", in_cache, f.op("Less", j, f.op("Unsqueeze", "past_len", i64([1]))))  # [B, P+T]
@@ -92,10 +99,24 @@ def function_proto(opset: int) -> onnx.FunctionProto:
     neg_inf = f.const(float("-inf"), "float32")
     masked = f.op("Where", visible, f.op("Cast", scores, to=TensorProto.FLOAT), neg_inf)
     probs = f.op("CastLike", f.op("Softmax", masked, axis=-1), "q")
-    # rows >= past_len are never read (0 * NaN would leak garbage from unused cache rows)
-    key_used = f.op("Unsqueeze", f.op("Or", past_ok, f.op("Not", in_cache)), i64([1, 3]))  # [B, 1, P+T, 1]
-    values = f.op("Where", key_used, values, f.op("CastLike", f.const(0.0, "float32"), "q"))
-    ctx = f.op("MatMul", probs, f.op("Unsqueeze", values, i64([2])))  # [B, KVH, G, T, D]
+    probs = f.op("Reshape", probs, f.op("Concat", i64([0]), KVH, i64([-1]), n_keys, axis=0))  # [B,KVH,G*T,P+T]
+    p_past, p_new = f.op("Split", probs, f.op("Concat", n_cache, n_new, axis=0), axis=-1, outputs=2)
+
+    # Cache rows >= past_len[b] are never read (0 * NaN would leak garbage from unused rows): the
+    # product over the cache is split at lo = min(past_len) and hi = max(past_len). Rows < lo are
+    # valid for every sequence (one Slice copy, no mask); rows in [lo, hi) are zeroed where
+    # j >= past_len[b] (none when all sequences have one length); rows >= hi are dropped.
+    lo = f.op("Min", f.op("ReduceMin", "past_len", keepdims=1), n_cache)  # [1]
+    hi = f.op("Min", f.op("ReduceMax", "past_len", keepdims=1), n_cache)
+    zero, last, row = i64([0]), i64([-1]), i64([2])
+    ctx_head = f.op("MatMul", f.op("Slice", p_past, zero, lo, last), f.op("Slice", "past_value", zero, lo, row))
+    j_tail = f.op("Range", sq(lo), sq(hi), i64(1))  # [hi - lo]
+    tail_ok = f.op("Unsqueeze", f.op("Less", j_tail, f.op("Unsqueeze", "past_len", i64([1]))), i64([1, 3]))
+    v_tail = f.op("Where", tail_ok, f.op("Slice", "past_value", lo, hi, row),
+                  f.op("CastLike", f.const(0.0, "float32"), "q"))  # [B, KVH, hi-lo, D]
+    ctx_tail = f.op("MatMul", f.op("Slice", p_past, lo, hi, last), v_tail)
+    ctx_new = f.op("MatMul", p_new, T("v", [0, 2, 1, 3]))
+    ctx = f.op("Add", f.op("Add", ctx_head, ctx_tail), ctx_new)  # [B, KVH, G*T, D]
     ctx = f.op("Reshape", ctx, f.op("Concat", i64([0]), Hq, n_new, D, axis=0))  # [B, Hq, T, D]
     f.graph_op("Transpose", [ctx], ["out"], perm=[0, 2, 1, 3])
     return f.build(INPUTS, ["out"], ["scale"])
