@@ -6,6 +6,8 @@
   imported (``@triton.jit`` reads TRITON_INTERPRET), so the mode is set here, before any test
   module imports triton, and never by reloading modules (results cannot depend on test order).
   Tests that compile real PTX do it in a subprocess without the variable.
+- qcn's checkpoint-hash cache (``$XDG_CACHE_HOME/qcn``) goes to a per-session temporary folder,
+  never the user's home (subprocesses inherit it; tests that check the cache set their own).
 - ``trt_stub``: the one stub of ``tensorrt.plugin`` (tests/trt_stub.py), installed for one test.
 - ``art`` / ``art_copy`` / ``logits``: the hand-made fixture artifact (tests/runtime_fixture.py).
 """
@@ -24,6 +26,17 @@ sys.path.insert(0, str(TESTS.parent / "tools"))
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from trt_stub import make_trt_stub  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache_home(tmp_path_factory):
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
 
 
 @pytest.fixture
