@@ -45,6 +45,51 @@ class OutputError(QcnError):
     """The output path cannot be written, or holds something qcn will not replace."""
 
 
+class Terminated(BaseException):
+    """SIGTERM / SIGHUP, raised like KeyboardInterrupt so that temporary directories are removed."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+_received: list[int] = []  # signals caught under interrupt_on_signals(), oldest first
+
+
+def _interrupt(signum: int) -> BaseException:
+    return KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
+
+
+def _on_signal(signum, _frame):
+    _received.append(signum)
+    raise _interrupt(signum)
+
+
+@contextlib.contextmanager
+def interrupt_on_signals() -> Iterator[None]:
+    """While the CLI compiles: SIGINT, SIGTERM and SIGHUP unwind the stack (KeyboardInterrupt /
+    `Terminated`), so every `atomic_dir` removes its temporary directory. Python drops an
+    exception raised while a finalizer (`__del__`) runs ("Exception ignored in ..."), so a signal
+    can be swallowed: every `atomic_dir` re-raises a signal received here before it renames
+    anything into place. Outside the main thread this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _received.clear()
+    old = {}
+    for s in _SIGNALS:
+        h = signal.getsignal(s)
+        if h is None or h == signal.SIG_IGN:
+            continue  # installed outside Python, or ignored: leave it
+        old[s] = signal.signal(s, _on_signal)
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        _received.clear()
+
+
 # ---------------------------------------------------------------------------------------
 # what is at a path, and may qcn replace it
 
@@ -295,6 +340,8 @@ def atomic_dir(target: Path, *, force: bool = False, protect: Iterable[Path] = (
             raise
         with _signals_deferred():
             try:
+                if _received:  # a signal whose exception a finalizer swallowed: still stop here
+                    raise _interrupt(_received[0])
                 check_output(target, force=force, protect=protect)
                 if target.exists() or target.is_symlink():
                     target.rename(old)

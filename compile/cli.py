@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from ..errors import QcnError
+from .artifacts import Terminated, interrupt_on_signals
 from .recipe import describe_targets, load_recipe
 
 STAGES = ("export", "passes", "build")
@@ -38,33 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class Terminated(BaseException):
-    """SIGTERM / SIGHUP, raised like KeyboardInterrupt so that temporary directories are removed."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _terminate(signum, _frame):
-    raise Terminated(signum)
-
-
-@contextlib.contextmanager
-def _terminate_cleanly():
-    """While compiling, SIGTERM and SIGHUP unwind the stack (removing temporary directories)."""
-    old = {}
-    for s in (signal.SIGTERM, signal.SIGHUP):
-        with contextlib.suppress(ValueError, OSError):  # not the main thread: leave signals alone
-            if signal.getsignal(s) != signal.SIG_IGN:
-                old[s] = signal.signal(s, _terminate)
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
 def _ignore_further_interrupts(argv: list[str] | None) -> None:
     """Run as a program (argv None), a second Ctrl-C / SIGTERM while the process reports and exits
     must not kill it mid-way (Python restores SIG_DFL while it finalizes, so a late signal would end
@@ -88,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "transformers"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     try:
-        with _terminate_cleanly():
+        with interrupt_on_signals():
             return _compile(args)
     except QcnError as e:  # every error qcn raises on purpose (compile and runtime): one line
         print(f"qcn-compile: error: {e}", file=sys.stderr)

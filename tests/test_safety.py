@@ -242,6 +242,29 @@ def test_signal_mid_compile_exits_cleanly_and_leaves_nothing(ckpt, tmp_path, sig
     assert sorted(p.name for p in parent.iterdir()) == []
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped exception, on purpose
+def test_a_signal_swallowed_by_a_finalizer_still_stops_the_swap(tmp_path):
+    """Python drops an exception raised inside __del__ ("Exception ignored in ..."): a SIGTERM
+    handled there must still keep the half-finished output from being renamed into place."""
+
+    class RaisesInFinalizer:
+        def __del__(self):
+            signal.raise_signal(signal.SIGTERM)
+            sum(range(1000))  # bytecode: the handler runs here, inside __del__, and its exception is dropped
+
+    target = tmp_path / "out"
+    reached = False
+    with pytest.raises(art_mod.Terminated):
+        with art_mod.interrupt_on_signals():
+            with atomic_dir(target) as tmp:
+                (tmp / "weights.bin").write_bytes(b"x")
+                obj = RaisesInFinalizer()
+                del obj
+                reached = True  # the body went on: the exception really was swallowed
+    assert reached and not target.exists() and _qcn_leftovers(tmp_path) == []
+    assert signal.getsignal(signal.SIGTERM) is not art_mod._on_signal  # handlers restored
+
+
 def test_sigkill_leftovers_are_removed_by_the_next_compile(ckpt, tmp_path, caplog):
     parent = tmp_path / "arts"
     proc = _start_compile(tmp_path, ckpt, parent / "out")
