@@ -36,6 +36,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _workdir import own_workdir  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 REAL_CONFIG = REPO / "recipes" / "models" / "qwen3-coder-next"
 
@@ -171,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    a.workdir.mkdir(parents=True, exist_ok=True)
+    own_workdir(a.workdir, "--workdir")
     rows = []
     for layers in a.layers:
         ckpt, out = a.workdir / f"ckpt-{layers}l", a.workdir / f"export-{layers}l"

@@ -29,6 +29,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _workdir import MARKER, own_workdir  # noqa: E402
+
 
 def bulk_shard(ckpt: Path, gb: float) -> int:
     """Append `model-mtp-bulk.safetensors` holding ~gb GB of BF16 mtp.* tensors (streamed)."""
@@ -86,9 +89,10 @@ def main() -> None:
     from qcn.compile.pipeline import run_pipeline
     from qcn.compile.recipe import RuntimeOptions, load_recipe
 
-    if a.work.exists():
-        shutil.rmtree(a.work)
-    a.work.mkdir(parents=True)
+    own_workdir(a.work, "--work")
+    for entry in a.work.iterdir():  # what an earlier run of this benchmark left (--keep)
+        if entry.name != MARKER:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     try:
         ckpt = write_tiny_checkpoint(a.work / "ckpt", TINY_SPECS["sparse_step2"], seed=1, shard_max_bytes=60_000)
         size = bulk_shard(ckpt, a.gb)
