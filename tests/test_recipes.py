@@ -28,6 +28,7 @@ NO_TRT = "python module 'tensorrt' is not installed; install it: full TensorRT >
 SHIPPED = {
     "tiny_cpu": (None, []),
     "pico_cpu": (None, []),
+    "pico_cpu_mtp": (None, []),
     "tiny_rtx": (True, []),
     "h100_fp8": (True, [FP8, NO_TRT]),
     "h200_fp8": (True, [FP8, NO_TRT]),

@@ -228,3 +228,17 @@ def test_recipe_section_is_typed():
     r = recipe_from_dict({"name": "x", "checkpoint": "c", "output": "o",
                           "runtime": {"speculative": {"method": "mtp", "draft_tokens": 3}}})
     assert r.runtime.speculative == SpeculativeOptions("mtp", 3)
+
+
+def test_cli_speculative_flag_reports_acceptance(pico_artifact, capsys):
+    from qcn.runtime.cli import main
+
+    assert main([str(pico_artifact), "--prompt", "def fibonacci(n):\n", "--greedy", "--max-new-tokens", "24"]) == 0
+    plain = capsys.readouterr()
+    assert main([str(pico_artifact), "--prompt", "def fibonacci(n):\n", "--greedy", "--max-new-tokens", "24",
+                 "--speculative", "2"]) == 0
+    spec = capsys.readouterr()
+    assert spec.out == plain.out
+    assert "acceptance" in spec.err and "tokens per target call" in spec.err and "acceptance" not in plain.err
+    assert main([str(pico_artifact), "--prompt", "x", "--speculative", "-1"]) == 2
+    assert "--speculative -1" in capsys.readouterr().err
