@@ -184,3 +184,28 @@ def test_awq_never_increases_a_layers_calibration_error_vs_rtn():
         assert sum(res.err_awq.values()) <= sum(res.err_rtn.values()) * (1 + 1e-6)
         if trial % 2:
             assert res.alpha > 0 and sum(res.err_awq.values()) < 0.9 * sum(res.err_rtn.values())
+
+
+def test_scales_are_in_the_weights_activation_dtype():
+    """bf16 graphs get bf16 scales (TensorRT-RTX fails INT4 with fp32 scales on bf16 activations);
+    q is computed against the rounded scale."""
+    k, n = 200, 24
+    w = torch.randn(k, n, generator=torch.Generator().manual_seed(3))
+    inits = [helper.make_tensor("w", TensorProto.BFLOAT16, [k, n],
+                                w.to(torch.bfloat16).view(torch.int16).numpy().astype(np.uint16).tobytes(), raw=True)]
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, ["T", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, None)], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    model = to_ir(proto, "test")
+    wb = w.to(torch.bfloat16)
+    assert apply(Int4Projection({"w": rtn("w", wb, scale_dtype=torch.float32)}), model).rewritten == 0  # fp32 plan refused
+    p = rtn("w", wb, scale_dtype=torch.bfloat16)
+    assert p.scale.dtype == torch.bfloat16
+    torch.testing.assert_close(p.q.float(), torch.round(wb.float() / p.scale.float().repeat_interleave(GROUP, 0)[:k])
+                               .clamp(-8, 7))
+    assert apply(Int4Projection({"w": p}), model).rewritten == 1
+    out = to_proto(model)
+    onnx.checker.check_model(out, full_check=True)
+    scale = next(i for i in out.graph.initializer if i.name == "w.int4_scale")
+    assert scale.data_type == TensorProto.BFLOAT16 and list(scale.dims) == [2, n]

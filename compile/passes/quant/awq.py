@@ -53,7 +53,8 @@ def _errors(x, ref, w_eff, widths):
 
 
 def awq_search(x: torch.Tensor, weights: dict[str, torch.Tensor], *, group: int = GROUP, grid: int = GRID,
-               max_rows: int = MAX_ROWS, fold: str | None = None) -> AwqResult:
+               max_rows: int = MAX_ROWS, fold: str | None = None,
+               scale_dtype: torch.dtype = torch.float32) -> AwqResult:
     """x [..., K] calibration inputs of the group, weights name -> W [K, N_i] (in, out)."""
     names = list(weights)
     w = torch.cat([weights[n].float() for n in names], dim=1)  # groups run along K per column: independent
@@ -72,7 +73,7 @@ def awq_search(x: torch.Tensor, weights: dict[str, torch.Tensor], *, group: int 
         s = s / (s.max() * s.min()).sqrt()
         if alpha == 0:
             s = torch.ones_like(act)
-        w_eff = fake_quantize_kn(w * s[:, None], group) / s[:, None]
+        w_eff = fake_quantize_kn(w * s[:, None], group, scale_dtype) / s[:, None]
         errs, total = _errors(x, ref, w_eff, widths)
         if alpha == 0:
             rtn_errs = errs
@@ -83,7 +84,7 @@ def awq_search(x: torch.Tensor, weights: dict[str, torch.Tensor], *, group: int 
     _, alpha, s, errs = best
     out = {}
     for n in names:
-        q, sc = quantize_kn(weights[n].float() * s[:, None], group)
+        q, sc = quantize_kn(weights[n].float() * s[:, None], group, scale_dtype)
         method = "awq" if alpha > 0 else "rtn"
         out[n] = Int4Weight(n, q, sc, method, input_scale=s if alpha > 0 else None,
                             fold=fold if alpha > 0 else None, group=group)

@@ -36,10 +36,13 @@ QMIN, QMAX = -8, 7
 ORT_SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "0"}
 
 
-def quantize_kn(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [K, N] (in, out) -> (q int8 [K, N] in [-8, 7], scale fp32 [ceil(K / group), N])."""
+def quantize_kn(w: torch.Tensor, group: int = GROUP, scale_dtype: torch.dtype = torch.float32
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [K, N] (in, out) -> (q int8 [K, N] in [-8, 7], scale [ceil(K / group), N]). The scale is
+    rounded to ``scale_dtype`` (the activation dtype: DequantizeLinear's output type, and what
+    TensorRT-RTX needs for INT4) before q is computed, so q and scale agree."""
     k = w.shape[0]
-    packed, scale = quantize_int4_groupwise(w.float().T, group, scale_dtype=torch.float32)  # [N, K/2], [N, G]
+    packed, scale = quantize_int4_groupwise(w.float().T, group, scale_dtype=scale_dtype)  # [N, K/2], [N, G]
     return unpack_int4(packed, k).T.contiguous(), scale.T.contiguous()
 
 
@@ -49,9 +52,9 @@ def dequantize_kn(q: torch.Tensor, scale: torch.Tensor, group: int = GROUP) -> t
     return q.float() * scale.float().repeat_interleave(group, dim=0)[:k]
 
 
-def fake_quantize_kn(w: torch.Tensor, group: int = GROUP) -> torch.Tensor:
+def fake_quantize_kn(w: torch.Tensor, group: int = GROUP, scale_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """w [K, N] -> its INT4 round trip (fp32 [K, N])."""
-    return dequantize_kn(*quantize_kn(w, group), group)
+    return dequantize_kn(*quantize_kn(w, group, scale_dtype), group)
 
 
 def int4_tensor(q: torch.Tensor, name: str) -> ir.Tensor:
@@ -61,9 +64,16 @@ def int4_tensor(q: torch.Tensor, name: str) -> ir.Tensor:
     return ir.Tensor(q.numpy().astype(ml_dtypes.int4), name=name)
 
 
-def fp32_tensor(a: torch.Tensor | np.ndarray, name: str) -> ir.Tensor:
-    arr = a.detach().float().numpy() if isinstance(a, torch.Tensor) else np.asarray(a, dtype=np.float32)
-    return ir.Tensor(np.ascontiguousarray(arr), name=name)
+TORCH_DTYPES = {ir.DataType.FLOAT: torch.float32, ir.DataType.FLOAT16: torch.float16,
+                ir.DataType.BFLOAT16: torch.bfloat16}
+
+
+def float_tensor(a: torch.Tensor, name: str, dtype: ir.DataType = ir.DataType.FLOAT) -> ir.Tensor:
+    """A float initializer in ``dtype`` (fp32 / fp16 / bf16) from a torch tensor."""
+    t = a.detach().to(TORCH_DTYPES[dtype]).contiguous()
+    if dtype == ir.DataType.BFLOAT16:
+        return ir.Tensor(t.view(torch.int16).numpy().view(ml_dtypes.bfloat16), name=name)
+    return ir.Tensor(t.numpy(), name=name)
 
 
 @dataclass
@@ -76,6 +86,7 @@ class Int4Weight:
     q: torch.Tensor
     scale: torch.Tensor
     method: str                        # "rtn" | "awq"
+    # scale dtype = the weight's (activation) dtype; q was computed against the rounded scale
     input_scale: torch.Tensor | None = None
     fold: str | None = None
     group: int = GROUP
@@ -103,10 +114,10 @@ class Int4Weight:
         return f"{self.name}.awq_inv_scale"
 
 
-def rtn(name: str, w: torch.Tensor, group: int = GROUP) -> Int4Weight:
-    q, s = quantize_kn(w, group)
+def rtn(name: str, w: torch.Tensor, group: int = GROUP, scale_dtype: torch.dtype = torch.float32) -> Int4Weight:
+    q, s = quantize_kn(w, group, scale_dtype)
     return Int4Weight(name, q, s, "rtn", group=group)
 
 
 __all__ = ["GROUP", "ORT_SESSION_CONFIG", "Int4Weight", "quantize_kn", "dequantize_kn", "fake_quantize_kn",
-           "int4_tensor", "fp32_tensor", "rtn"]
+           "int4_tensor", "float_tensor", "TORCH_DTYPES", "rtn"]

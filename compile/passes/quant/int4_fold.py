@@ -15,7 +15,7 @@ import torch
 from onnxscript.rewriter import MatchResult
 
 from ..base import QcnRule, refuse
-from .int4 import fp32_tensor
+from .int4 import float_tensor
 from .int4_projection import const_weight
 
 
@@ -57,8 +57,8 @@ class Int4AwqFold(QcnRule):
 
     def rewrite(self, op, a, g):
         new, _ = self.folds[g.name]
-        return self.count_rewrite(op, op.Mul(a, op.initializer(fp32_tensor(new, f"{g.name}.awq"), f"{g.name}.awq")),
-                                  set())
+        t = float_tensor(new, f"{g.name}.awq", g.dtype)
+        return self.count_rewrite(op, op.Mul(a, op.initializer(t, t.name)), set())
 
 
 __all__ = ["Int4AwqFold"]

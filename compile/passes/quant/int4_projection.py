@@ -18,7 +18,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import MatchResult
 
 from ..base import QcnRule, refuse
-from .int4 import Int4Weight, fp32_tensor, int4_tensor
+from .int4 import TORCH_DTYPES, Int4Weight, float_tensor, int4_tensor
 
 
 def const_weight(w: ir.Value | None) -> ir.Value | None:
@@ -63,6 +63,9 @@ class Int4Projection(QcnRule):
         p = self.plan[w.name]
         if tuple(w.shape) != p.shape:
             return refuse(f"{w.name} has shape {list(w.shape)}, the plan quantized {list(p.shape)}")
+        if w.dtype not in TORCH_DTYPES or TORCH_DTYPES[w.dtype] != p.scale.dtype:
+            return refuse(f"{w.name} is {w.dtype}; the plan's scales are {p.scale.dtype} (scales are in the "
+                          "weight's activation dtype)")
         if p.fold is not None and producer_constant(x) != f"{p.fold}.awq":
             return refuse(f"{w.name}: AWQ scales were folded into {p.fold}, but x is not produced by "
                           f"Mul(., {p.fold}.awq) (the fold pass must run first)")
@@ -76,9 +79,9 @@ class Int4Projection(QcnRule):
     def rewrite(self, op, x, w):
         p = self.plan[w.name]
         wq = self._init(op, int4_tensor(p.q, p.q_name))
-        scale = self._init(op, fp32_tensor(p.scale, p.scale_name))
+        scale = self._init(op, float_tensor(p.scale, p.scale_name, w.dtype))
         if p.input_scale is not None and p.fold is None:
-            x = op.Mul(x, self._init(op, fp32_tensor(1.0 / p.input_scale.double(), p.inv_scale_name)))
+            x = op.Mul(x, self._init(op, float_tensor(1.0 / p.input_scale.double(), p.inv_scale_name, w.dtype)))
         wd = op.DequantizeLinear(wq, scale, axis=0, block_size=p.group)
         return self.count_rewrite(op, op.MatMul(x, wd), set())
 
