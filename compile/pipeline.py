@@ -25,6 +25,7 @@ from qcn.artifact import (FORMAT, FORMAT_VERSION, STAGES, ArtifactError, Checkpo
 
 from .artifacts import HashCache, atomic_dir, default_cache_path
 from .export.checkpoint import open_checkpoint
+from .export.fp8 import fp8_roles
 from .export.config import CheckpointError, ModelConfig, load_model_config
 from .export.modeling import rope_tables
 from .export.onnx_export import GRAPHS, export_graphs, state_layout
@@ -116,7 +117,8 @@ def compile_recipe(recipe: Recipe, *, progress: bool = False, out: Path | None =
         written = tmp
         paths = export_graphs(cfg, checkpoint, rope, tmp, activation_dtype=act, logits=recipe.export.logits,
                               opset=recipe.export.opset, progress=progress,
-                              allow_nonfinite=recipe.export.allow_nonfinite)
+                              allow_nonfinite=recipe.export.allow_nonfinite,
+                              fp8_roles=fp8_roles(recipe.quantization.weights, recipe.quantization.experts))
         for f in tokenizer.files:
             shutil.copyfile(ckpt_dir / f, tmp / f)
         graphs = {}
