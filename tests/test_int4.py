@@ -209,3 +209,70 @@ def test_scales_are_in_the_weights_activation_dtype():
     onnx.checker.check_model(out, full_check=True)
     scale = next(i for i in out.graph.initializer if i.name == "w.int4_scale")
     assert scale.data_type == TensorProto.BFLOAT16 and list(scale.dims) == [2, n]
+
+
+# --- experts ------------------------------------------------------------------------------
+
+def _moe(e=5, h=300, i=130, si=70, seed=0):
+    from qcn.compile.passes.quant.int4_experts import MoeWeights
+    g = torch.Generator().manual_seed(seed)
+    router = torch.randn(e, h, generator=g)
+    router[e - 1] = -10.0   # with x >= 0 (see _calib_x) the last expert never wins a top-k slot
+    return MoeWeights(router, torch.randn(e, 2 * i, h, generator=g) * 0.1, torch.randn(e, h, i, generator=g) * 0.1,
+                      torch.randn(2 * si, h, generator=g) * 0.1, torch.randn(h, si, generator=g) * 0.1, 2, True)
+
+
+def _calib_x(n, h, seed=1):
+    x = torch.randn(n, h, generator=torch.Generator().manual_seed(seed)).abs()
+    x[:, :6] *= 20   # outlier channels
+    return x
+
+
+def test_expert_with_no_calibration_tokens_falls_back_to_rtn_with_a_warning(caplog):
+    from qcn.compile.passes.quant.int4_experts import MoeStats, quantize_moe
+    w = _moe()
+    st = MoeStats(w)
+    for chunk in _calib_x(600, 300).split(128):
+        st.add(chunk)
+    assert int(st.routed[4]) == 0 and int(st.routed.sum()) == 600 * 2
+    with caplog.at_level("WARNING"):
+        got = quantize_moe("layers.3.moe", w, "awq", st, torch.float32)
+    msgs = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    few = [e for e in range(5) if int(st.routed[e]) < 16]
+    assert 4 in few and len(few) < 5
+    assert len(msgs) == 1 and f"layers.3.moe: experts {few} saw fewer than 16" in msgs[0]
+    rows = got.report["experts"]
+    assert all(rows[e]["method"] == "rtn" and "fewer than 16 routed" in rows[e]["why"] for e in few)
+    assert got.report["fallback_rtn"] == few
+    # the fallback expert's weights are exactly RTN's
+    rtn = quantize_moe("layers.3.moe", w, "rtn", None, torch.float32)
+    for key in ("gate_up", "down"):
+        assert torch.equal(got.q[key][4], rtn.q[key][4]) and torch.equal(got.scale[key][4], rtn.scale[key][4])
+    # and AWQ never made an expert's calibration error larger than RTN's
+    assert any(r["method"] == "awq" for r in rows)
+    for r in rows:
+        if r["expert"] in few:
+            continue
+        assert r["calib_mse_awq"] <= r["calib_mse_rtn"]
+        if r["method"] == "awq":
+            assert r["expert_mse_awq"] <= r["expert_mse_rtn"]
+
+
+def test_moe_int4_layer_error_awq_not_above_rtn_and_storage_is_groupwise():
+    from qcn.compile.passes.quant.int4_experts import MoeStats, quantize_moe
+    from qcn.compile.plugins.moe.reference import moe_reference
+    w = _moe(seed=4)
+    x = _calib_x(512, 300, seed=5)
+    st = MoeStats(w)
+    st.add(x)
+    sg = torch.zeros(1, 300)
+    ref = moe_reference(x, w.router, w.gate_up, w.down, w.shared_gate_up, w.shared_down, sg, 2, True)
+    errs = {}
+    for method in ("rtn", "awq"):
+        q = quantize_moe("l", w, method, st if method == "awq" else None, torch.float32)
+        assert q.q["gate_up"].shape == w.gate_up.shape and q.scale["gate_up"].shape == (5, 260, 3)
+        assert q.scale["down"].shape == (5, 300, 2) and int(q.q["down"].abs().max()) <= 8
+        y = moe_reference(x, w.router, q.dequantized("gate_up"), q.dequantized("down"), q.dequantized("shared_gate_up"),
+                          q.dequantized("shared_down"), sg, 2, True)
+        errs[method] = float((y - ref).pow(2).mean())
+    assert errs["awq"] <= errs["rtn"], errs
