@@ -276,3 +276,85 @@ def test_moe_int4_layer_error_awq_not_above_rtn_and_storage_is_groupwise():
                           q.dequantized("shared_down"), sg, 2, True)
         errs[method] = float((y - ref).pow(2).mean())
     assert errs["awq"] <= errs["rtn"], errs
+
+
+def _moe_model(fmts, n, h, e, i, si, top_k, seed=0):
+    """One graph with a qcn::MoE node per format in ``fmts``, all on the same x; weights as initializers."""
+    from qcn.compile.plugins.moe import op as moe_op
+    from qcn.compile.plugins.onnx_function import DOMAIN, DOMAIN_VERSION
+    from qcn.compile.passes.quant.int4_experts import MoeWeights, quantize_moe
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    w = MoeWeights(r(e, h), r(e, 2 * i, h) * 0.3, r(e, h, i) * 0.3, r(2 * si, h) * 0.3, r(h, si) * 0.3, top_k, True)
+    sg = r(1, h)
+    q = quantize_moe("l", w, "rtn", None, torch.float32)
+    inits = [numpy_helper.from_array(t.numpy(), nm) for nm, t in
+             (("router_weight", w.router), ("shared_gate", sg), ("gate_up", w.gate_up), ("down", w.down),
+              ("shared_gate_up", w.shared_gate_up), ("shared_down", w.shared_down))]
+    for nm in ("gate_up", "down", "shared_gate_up", "shared_down"):
+        inits.append(ir.serde.serialize_tensor(int4_tensor(q.q[nm], f"{nm}.int4")))
+        inits.append(numpy_helper.from_array(q.scale[nm].numpy(), f"{nm}.int4_scale"))
+    nodes, outs = [], []
+    for j, fmt in enumerate(fmts):
+        ws = ["gate_up", "down", "shared_gate_up", "shared_down"]
+        ins = ["x", "router_weight"] + [f"{x}.int4" if fmt == "int4" else x for x in ws[:4]] + ["shared_gate"]
+        if fmt == "int4":
+            ins += [f"{x}.int4_scale" for x in ws]
+        nodes.append(helper.make_node("MoE", ins, [f"y{j}"], domain=DOMAIN, overload=moe_op.overload(fmt),
+                                      top_k=top_k, norm_topk_prob=1, weight_format=fmt))
+        outs.append(helper.make_tensor_value_info(f"y{j}", TensorProto.FLOAT, ["N", h]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", h])], outs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)],
+                              functions=[moe_op.function_proto(23, f) for f in sorted(set(fmts))])
+    return model, w, sg, q
+
+
+@pytest.mark.parametrize("n,h,e,i,si,k", [(5, 300, 6, 130, 70, 2), (1, 128, 4, 64, 32, 1), (9, 77, 3, 5, 9, 3)])
+def test_moe_int4_body_in_ort_equals_dequantized_reference(n, h, e, i, si, k):
+    from qcn.compile.plugins.moe.reference import moe_reference
+    model, w, sg, q = _moe_model(["float", "int4"], n, h, e, i, si, k, seed=n + h)
+    onnx.checker.check_model(model, full_check=True)
+    to_ir(model, "test")   # strict shape inference through both overloads
+    x = torch.randn(n, h, generator=torch.Generator().manual_seed(7))
+    y_float, y_int4 = _session(model, ort.GraphOptimizationLevel.ORT_ENABLE_ALL).run(None, {"x": x.numpy()})
+    ref_f = moe_reference(x, w.router, w.gate_up, w.down, w.shared_gate_up, w.shared_down, sg, k, True)
+    ref_q = moe_reference(x, w.router, q.dequantized("gate_up"), q.dequantized("down"), q.dequantized("shared_gate_up"),
+                          q.dequantized("shared_down"), sg, k, True)
+    tol = 2e-5 * max(float(ref_f.abs().max()), 1.0)
+    np.testing.assert_allclose(y_float, ref_f.numpy(), rtol=0, atol=tol)
+    np.testing.assert_allclose(y_int4, ref_q.numpy(), rtol=0, atol=tol)
+    assert np.abs(y_int4 - y_float).max() > 10 * tol   # the two overloads really differ
+
+
+def test_int4_experts_rule_in_ort_equals_dequantized_reference_and_keeps_unplanned():
+    from qcn.compile.passes.quant.int4_moe import Int4Experts
+    from qcn.compile.plugins.moe.reference import moe_reference
+    model, w, sg, q = _moe_model(["float", "float"], 6, 200, 5, 64, 48, 2, seed=11)
+    # two layers reading the same weights would collide; give the second its own names (a "kept" layer)
+    proto = model
+    for init in list(proto.graph.initializer):
+        if init.name in ("gate_up", "down", "shared_gate_up", "shared_down"):
+            c = onnx.TensorProto()
+            c.CopyFrom(init)
+            c.name = init.name + "_b"
+            proto.graph.initializer.append(c)
+    nb = proto.graph.node[1]
+    for j in range(2, 6):
+        nb.input[j] = nb.input[j] + "_b"
+    ir_model = to_ir(proto, "test")
+    res = apply(Int4Experts({"gate_up": q}, kept={"gate_up_b": "matches quantization.keep pattern 'layers.0.*'"}),
+                ir_model)
+    assert (res.matched, res.rewritten) == (2, 1)
+    assert res.refused[0][1] == "gate_up_b kept unquantized: matches quantization.keep pattern 'layers.0.*'"
+    out = to_proto(ir_model)
+    onnx.checker.check_model(out, full_check=True)
+    assert sorted(f.overload for f in out.functions) == ["", "int4"]
+    assert {n.overload for n in out.graph.node} == {"", "int4"}
+    x = torch.randn(6, 200, generator=torch.Generator().manual_seed(3))
+    y_q, y_f = _session(out, ort.GraphOptimizationLevel.ORT_ENABLE_ALL).run(None, {"x": x.numpy()})
+    ref_q = moe_reference(x, w.router, q.dequantized("gate_up"), q.dequantized("down"), q.dequantized("shared_gate_up"),
+                          q.dequantized("shared_down"), sg, 2, True)
+    ref_f = moe_reference(x, w.router, w.gate_up, w.down, w.shared_gate_up, w.shared_down, sg, 2, True)
+    tol = 2e-5 * max(float(ref_f.abs().max()), 1.0)
+    np.testing.assert_allclose(y_q, ref_q.numpy(), rtol=0, atol=tol)
+    np.testing.assert_allclose(y_f, ref_f.numpy(), rtol=0, atol=tol)
