@@ -209,3 +209,152 @@ def test_scales_are_in_the_weights_activation_dtype():
     onnx.checker.check_model(out, full_check=True)
     scale = next(i for i in out.graph.initializer if i.name == "w.int4_scale")
     assert scale.data_type == TensorProto.BFLOAT16 and list(scale.dims) == [2, n]
+
+
+# --- experts ------------------------------------------------------------------------------
+
+def _moe(e=5, h=300, i=130, si=70, seed=0):
+    from qcn.compile.passes.quant.int4_experts import MoeWeights
+    g = torch.Generator().manual_seed(seed)
+    router = torch.randn(e, h, generator=g)
+    router[e - 1] = -10.0   # with x >= 0 (see _calib_x) the last expert never wins a top-k slot
+    return MoeWeights(router, torch.randn(e, 2 * i, h, generator=g) * 0.1, torch.randn(e, h, i, generator=g) * 0.1,
+                      torch.randn(2 * si, h, generator=g) * 0.1, torch.randn(h, si, generator=g) * 0.1, 2, True)
+
+
+def _calib_x(n, h, seed=1):
+    x = torch.randn(n, h, generator=torch.Generator().manual_seed(seed)).abs()
+    x[:, :6] *= 20   # outlier channels
+    return x
+
+
+def test_expert_with_no_calibration_tokens_falls_back_to_rtn_with_a_warning(caplog):
+    from qcn.compile.passes.quant.int4_experts import MoeStats, quantize_moe
+    w = _moe()
+    st = MoeStats(w)
+    for chunk in _calib_x(600, 300).split(128):
+        st.add(chunk)
+    assert int(st.routed[4]) == 0 and int(st.routed.sum()) == 600 * 2
+    with caplog.at_level("WARNING"):
+        got = quantize_moe("layers.3.moe", w, "awq", st, torch.float32)
+    msgs = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    few = [e for e in range(5) if int(st.routed[e]) < 16]
+    assert 4 in few and len(few) < 5
+    assert len(msgs) == 1 and f"layers.3.moe: experts {few} saw fewer than 16" in msgs[0]
+    rows = got.report["experts"]
+    assert all(rows[e]["method"] == "rtn" and "fewer than 16 routed" in rows[e]["why"] for e in few)
+    assert got.report["fallback_rtn"] == few
+    # the fallback expert's weights are exactly RTN's
+    rtn = quantize_moe("layers.3.moe", w, "rtn", None, torch.float32)
+    for key in ("gate_up", "down"):
+        assert torch.equal(got.q[key][4], rtn.q[key][4]) and torch.equal(got.scale[key][4], rtn.scale[key][4])
+    # and AWQ never made an expert's calibration error larger than RTN's
+    assert any(r["method"] == "awq" for r in rows)
+    for r in rows:
+        if r["expert"] in few:
+            continue
+        assert r["calib_mse_awq"] <= r["calib_mse_rtn"]
+        if r["method"] == "awq":
+            assert r["expert_mse_awq"] <= r["expert_mse_rtn"]
+
+
+def test_moe_int4_layer_error_awq_not_above_rtn_and_storage_is_groupwise():
+    from qcn.compile.passes.quant.int4_experts import MoeStats, quantize_moe
+    from qcn.compile.plugins.moe.reference import moe_reference
+    w = _moe(seed=4)
+    x = _calib_x(512, 300, seed=5)
+    st = MoeStats(w)
+    st.add(x)
+    sg = torch.zeros(1, 300)
+    ref = moe_reference(x, w.router, w.gate_up, w.down, w.shared_gate_up, w.shared_down, sg, 2, True)
+    errs = {}
+    for method in ("rtn", "awq"):
+        q = quantize_moe("l", w, method, st if method == "awq" else None, torch.float32)
+        assert q.q["gate_up"].shape == w.gate_up.shape and q.scale["gate_up"].shape == (5, 260, 3)
+        assert q.scale["down"].shape == (5, 300, 2) and int(q.q["down"].abs().max()) <= 8
+        y = moe_reference(x, w.router, q.dequantized("gate_up"), q.dequantized("down"), q.dequantized("shared_gate_up"),
+                          q.dequantized("shared_down"), sg, 2, True)
+        errs[method] = float((y - ref).pow(2).mean())
+    assert errs["awq"] <= errs["rtn"], errs
+
+
+def _moe_model(fmts, n, h, e, i, si, top_k, seed=0):
+    """One graph with a qcn::MoE node per format in ``fmts``, all on the same x; weights as initializers."""
+    from qcn.compile.plugins.moe import op as moe_op
+    from qcn.compile.plugins.onnx_function import DOMAIN, DOMAIN_VERSION
+    from qcn.compile.passes.quant.int4_experts import MoeWeights, quantize_moe
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    w = MoeWeights(r(e, h), r(e, 2 * i, h) * 0.3, r(e, h, i) * 0.3, r(2 * si, h) * 0.3, r(h, si) * 0.3, top_k, True)
+    sg = r(1, h)
+    q = quantize_moe("l", w, "rtn", None, torch.float32)
+    inits = [numpy_helper.from_array(t.numpy(), nm) for nm, t in
+             (("router_weight", w.router), ("shared_gate", sg), ("gate_up", w.gate_up), ("down", w.down),
+              ("shared_gate_up", w.shared_gate_up), ("shared_down", w.shared_down))]
+    for nm in ("gate_up", "down", "shared_gate_up", "shared_down"):
+        inits.append(ir.serde.serialize_tensor(int4_tensor(q.q[nm], f"{nm}.int4")))
+        inits.append(numpy_helper.from_array(q.scale[nm].numpy(), f"{nm}.int4_scale"))
+    nodes, outs = [], []
+    for j, fmt in enumerate(fmts):
+        ws = ["gate_up", "down", "shared_gate_up", "shared_down"]
+        ins = ["x", "router_weight"] + [f"{x}.int4" if fmt == "int4" else x for x in ws[:4]] + ["shared_gate"]
+        if fmt == "int4":
+            ins += [f"{x}.int4_scale" for x in ws]
+        nodes.append(helper.make_node("MoE", ins, [f"y{j}"], domain=DOMAIN, overload=moe_op.overload(fmt),
+                                      top_k=top_k, norm_topk_prob=1, weight_format=fmt))
+        outs.append(helper.make_tensor_value_info(f"y{j}", TensorProto.FLOAT, ["N", h]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", h])], outs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)],
+                              functions=[moe_op.function_proto(23, f) for f in sorted(set(fmts))])
+    return model, w, sg, q
+
+
+@pytest.mark.parametrize("n,h,e,i,si,k", [(5, 300, 6, 130, 70, 2), (1, 128, 4, 64, 32, 1), (9, 77, 3, 5, 9, 3)])
+def test_moe_int4_body_in_ort_equals_dequantized_reference(n, h, e, i, si, k):
+    from qcn.compile.plugins.moe.reference import moe_reference
+    model, w, sg, q = _moe_model(["float", "int4"], n, h, e, i, si, k, seed=n + h)
+    onnx.checker.check_model(model, full_check=True)
+    to_ir(model, "test")   # strict shape inference through both overloads
+    x = torch.randn(n, h, generator=torch.Generator().manual_seed(7))
+    y_float, y_int4 = _session(model, ort.GraphOptimizationLevel.ORT_ENABLE_ALL).run(None, {"x": x.numpy()})
+    ref_f = moe_reference(x, w.router, w.gate_up, w.down, w.shared_gate_up, w.shared_down, sg, k, True)
+    ref_q = moe_reference(x, w.router, q.dequantized("gate_up"), q.dequantized("down"), q.dequantized("shared_gate_up"),
+                          q.dequantized("shared_down"), sg, k, True)
+    tol = 2e-5 * max(float(ref_f.abs().max()), 1.0)
+    np.testing.assert_allclose(y_float, ref_f.numpy(), rtol=0, atol=tol)
+    np.testing.assert_allclose(y_int4, ref_q.numpy(), rtol=0, atol=tol)
+    assert np.abs(y_int4 - y_float).max() > 10 * tol   # the two overloads really differ
+
+
+def test_int4_experts_rule_in_ort_equals_dequantized_reference_and_keeps_unplanned():
+    from qcn.compile.passes.quant.int4_moe import Int4Experts
+    from qcn.compile.plugins.moe.reference import moe_reference
+    model, w, sg, q = _moe_model(["float", "float"], 6, 200, 5, 64, 48, 2, seed=11)
+    # two layers reading the same weights would collide; give the second its own names (a "kept" layer)
+    proto = model
+    for init in list(proto.graph.initializer):
+        if init.name in ("gate_up", "down", "shared_gate_up", "shared_down"):
+            c = onnx.TensorProto()
+            c.CopyFrom(init)
+            c.name = init.name + "_b"
+            proto.graph.initializer.append(c)
+    nb = proto.graph.node[1]
+    for j in range(2, 6):
+        nb.input[j] = nb.input[j] + "_b"
+    ir_model = to_ir(proto, "test")
+    res = apply(Int4Experts({"gate_up": q}, kept={"gate_up_b": "matches quantization.keep pattern 'layers.0.*'"}),
+                ir_model)
+    assert (res.matched, res.rewritten) == (2, 1)
+    assert res.refused[0][1] == "gate_up_b kept unquantized: matches quantization.keep pattern 'layers.0.*'"
+    out = to_proto(ir_model)
+    onnx.checker.check_model(out, full_check=True)
+    assert sorted(f.overload for f in out.functions) == ["", "int4"]
+    assert {n.overload for n in out.graph.node} == {"", "int4"}
+    x = torch.randn(6, 200, generator=torch.Generator().manual_seed(3))
+    y_q, y_f = _session(out, ort.GraphOptimizationLevel.ORT_ENABLE_ALL).run(None, {"x": x.numpy()})
+    ref_q = moe_reference(x, w.router, q.dequantized("gate_up"), q.dequantized("down"), q.dequantized("shared_gate_up"),
+                          q.dequantized("shared_down"), sg, 2, True)
+    ref_f = moe_reference(x, w.router, w.gate_up, w.down, w.shared_gate_up, w.shared_down, sg, 2, True)
+    tol = 2e-5 * max(float(ref_f.abs().max()), 1.0)
+    np.testing.assert_allclose(y_q, ref_q.numpy(), rtol=0, atol=tol)
+    np.testing.assert_allclose(y_f, ref_f.numpy(), rtol=0, atol=tol)

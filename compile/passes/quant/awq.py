@@ -7,6 +7,9 @@ group's calibration output error
 
     err(s) = mean_t,n ( x W - (x / s) Q(diag(s) W) )^2        (Q: the INT4 g128 round trip)
 
+computed exactly from the Gram matrix of x (:class:`AwqStats`: bounded memory, every
+calibration token counts).
+
 alpha = 0 is s = 1, i.e. RTN itself; an alpha is eligible only if no projection of the group
 gets a larger calibration error than with RTN, so AWQ never makes a layer worse on the
 calibration set (the report shows both errors per weight; the tests check it per layer). The 1/s goes
@@ -23,7 +26,43 @@ import torch
 from .int4 import GROUP, Int4Weight, fake_quantize_kn, quantize_kn
 
 GRID = 20          # alpha in {0, 1/20, ..., 1}
-MAX_ROWS = 4096    # calibration rows used by the search (a fixed, seeded subsample beyond that)
+
+
+class AwqStats:
+    """Calibration statistics of one input x [.., K] in bounded memory: the Gram matrix
+    sum_t x_t x_t^T [K, K] (fp64), sum_t |x_t| [K] and the token count. The output error of any
+    weight W_eff against W is tr(D^T G D) / T with D = W - W_eff: exact, without keeping x."""
+
+    def __init__(self, k: int):
+        self.gram = torch.zeros(k, k, dtype=torch.float64)
+        self.abs_sum = torch.zeros(k, dtype=torch.float64)
+        self.count = 0
+
+    def add(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        """x [.., K]; ``weight`` [..] per-row weights (e.g. 0/1: routed to this expert)."""
+        x = x.reshape(-1, x.shape[-1]).double()
+        if weight is not None:
+            w = weight.reshape(-1).double()
+            keep = w > 0
+            x, w = x[keep], w[keep]
+            self.gram += (x * w[:, None]).T @ x
+            self.abs_sum += (x.abs() * w[:, None]).sum(0)
+            self.count += int(keep.sum())
+        else:
+            self.gram += x.T @ x
+            self.abs_sum += x.abs().sum(0)
+            self.count += x.shape[0]
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> "AwqStats":
+        st = cls(x.shape[-1])
+        st.add(x)
+        return st
+
+    def mse(self, d: torch.Tensor) -> torch.Tensor:
+        """Per output column: mean_t ((x_t D)[n])^2 for D [K, N]."""
+        d = d.double()
+        return (d * (self.gram @ d)).sum(0) / max(self.count, 1)
 
 
 @dataclass
@@ -35,35 +74,25 @@ class AwqResult:
     weights: dict[str, Int4Weight]   # per weight: the INT4 storage of diag(s) W
 
 
-def _rows(x: torch.Tensor, max_rows: int) -> torch.Tensor:
-    x = x.reshape(-1, x.shape[-1]).float()
-    if x.shape[0] > max_rows:
-        idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:max_rows]
-        x = x[idx.sort().values]
-    return x
-
-
-def _errors(x, ref, w_eff, widths):
-    d = (x @ w_eff - ref).pow(2)
+def _errors(stats, d, widths):
+    per_col = stats.mse(d)
     out, c = [], 0
     for n in widths:
-        out.append(float(d[:, c:c + n].mean()))
+        out.append(float(per_col[c:c + n].mean()))
         c += n
-    return out, float(d.mean())
+    return out, float(per_col.mean())
 
 
-def awq_search(x: torch.Tensor, weights: dict[str, torch.Tensor], *, group: int = GROUP, grid: int = GRID,
-               max_rows: int = MAX_ROWS, fold: str | None = None,
-               scale_dtype: torch.dtype = torch.float32) -> AwqResult:
-    """x [..., K] calibration inputs of the group, weights name -> W [K, N_i] (in, out)."""
+def awq_search(x: torch.Tensor | AwqStats, weights: dict[str, torch.Tensor], *, group: int = GROUP,
+               grid: int = GRID, fold: str | None = None, scale_dtype: torch.dtype = torch.float32) -> AwqResult:
+    """x: the group's calibration inputs [..., K] or their :class:`AwqStats`; weights: name -> W [K, N_i]."""
+    stats = x if isinstance(x, AwqStats) else AwqStats.of(x)
     names = list(weights)
     w = torch.cat([weights[n].float() for n in names], dim=1)  # groups run along K per column: independent
     widths = [weights[n].shape[1] for n in names]
-    x = _rows(x, max_rows)
-    if x.shape[1] != w.shape[0]:
-        raise ValueError(f"AWQ: x has {x.shape[1]} channels, the weights {names} have K = {w.shape[0]}")
-    ref = x @ w
-    act = x.abs().mean(dim=0)
+    if stats.gram.shape[0] != w.shape[0]:
+        raise ValueError(f"AWQ: x has {stats.gram.shape[0]} channels, the weights {names} have K = {w.shape[0]}")
+    act = (stats.abs_sum / max(stats.count, 1)).float()
     act = act.clamp(min=max(float(act.max()) * 1e-5, 1e-12))   # channels never active: no zero scales
     best = None
     rtn_errs = None
@@ -74,7 +103,7 @@ def awq_search(x: torch.Tensor, weights: dict[str, torch.Tensor], *, group: int 
         if alpha == 0:
             s = torch.ones_like(act)
         w_eff = fake_quantize_kn(w * s[:, None], group, scale_dtype) / s[:, None]
-        errs, total = _errors(x, ref, w_eff, widths)
+        errs, total = _errors(stats, w - w_eff, widths)
         if alpha == 0:
             rtn_errs = errs
         elif any(e > r for e, r in zip(errs, rtn_errs)):
@@ -91,4 +120,4 @@ def awq_search(x: torch.Tensor, weights: dict[str, torch.Tensor], *, group: int 
     return AwqResult(s, alpha, dict(zip(names, rtn_errs)), dict(zip(names, errs)), out)
 
 
-__all__ = ["GRID", "MAX_ROWS", "AwqResult", "awq_search"]
+__all__ = ["GRID", "AwqStats", "AwqResult", "awq_search"]
