@@ -17,8 +17,8 @@ the plugin lowerings (a lowering must see the final weight formats).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
 
 from .base import QcnRule
 
@@ -35,18 +35,34 @@ class PassSpec:
     modules: tuple[str, ...]                  # target modules the pass runs for
     root: tuple[str, str]                     # (domain, op_type) its pattern roots at
     summary: str
+    reasons: Mapping[str, str] = field(default_factory=dict)  # module -> why the pass does not run there
 
     def why_not(self, module: str) -> str | None:
         """None when the pass runs for ``module``; otherwise the reason it does not."""
         if module in self.modules:
             return None
-        return WHY_NOT.get(module, f"runs for {list(self.modules)} only, not {module}")
+        return self.reasons.get(module) or WHY_NOT.get(module, f"runs for {list(self.modules)} only, not {module}")
+
+
+# --- fusions (rtx): first, before quantization (a quantization rule sees fused MatMuls) ----------
+# Each is kept because it measurably helps a backend; docs/PASSES.md "Fusions" has the numbers.
+
+def fusions() -> tuple[PassSpec, ...]:
+    from .fuse_rms_norm import FuseRmsNorm
+
+    return (
+        PassSpec("fuse_rms_norm", FuseRmsNorm, ("onnxruntime",), ("", "Mul"),
+                 "the export's 7-node RMSNorm -> opset-23 RMSNormalization",
+                 reasons={"tensorrt_rtx": "no gain measured: TensorRT-RTX fuses the 7-node form itself (the tiny "
+                                          "model's engine has 177 layers with or without this pass)",
+                          "tensorrt": "not verified: full TensorRT cannot be installed here"}),
+    )
 
 
 def pass_table() -> tuple[PassSpec, ...]:
     from ..plugins.registry import OPS
 
-    return tuple(PassSpec(e.lowering.pass_name, e.lowering, ("tensorrt",), (e.lowering.root_domain, e.lowering.root_op),
+    return fusions() + tuple(PassSpec(e.lowering.pass_name, e.lowering, ("tensorrt",), (e.lowering.root_domain, e.lowering.root_op),
                           f"qcn::{e.name} -> its TensorRT AOT plugins") for e in OPS)
 
 
