@@ -293,7 +293,7 @@ def passes_stage(recipe: Recipe, export_dir: Path, out: Path, inputs_sha256: str
         written = tmp
         section = run_passes(Path(export_dir), tmp, recipe.target_info.module, src, cache,
                              quant=recipe.quantization, progress=progress)
-        graphs, state = retyped_io(src, tmp)
+        graphs, state = retyped_io(src, tmp)  # a pass may retype graph I/O (the FP8 KV cache)
         if recipe.quantization.active:  # inside atomic_dir: a failed gate leaves nothing behind
             from .passes.quant.accuracy import run_gate
 

@@ -170,3 +170,19 @@ def test_cli_check_and_targets(capsys, tmp_path):
     assert "memory budget for one l40s GPU" in out and "DOES NOT FIT" in out and "cheapest fix" in out
     assert cli.main(["recipes/h100_fp8.yaml", "--out", str(tmp_path / "o")]) == 2  # fails before any work
     assert FP8 in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_budget_shows_fp8_kv_and_offers_it_as_a_fix():
+    """The KV line is 1 byte per element with kv_cache: fp8 (half of bf16), and a recipe whose
+    context only an FP8 cache makes fit is told so."""
+    r = load_recipe("recipes/h100_fp8.yaml")
+    cfg = load_model_config(REAL)
+    kv = {x.item: x for x in compute_budget(r, cfg).lines}["KV cache"]
+    fp8 = dataclasses.replace(r, quantization=dataclasses.replace(r.quantization, kv_cache="fp8"))
+    kv8 = {x.item: x for x in compute_budget(fp8, cfg).lines}["KV cache"]
+    assert "24576 B/token" in kv.detail and "12288 B/token" in kv8.detail and kv8.gib == pytest.approx(kv.gib / 2)
+    long = dataclasses.replace(r, runtime=dataclasses.replace(r.runtime, max_context=98304))
+    assert not compute_budget(long, cfg).fits
+    msg = next(p for p in pf.preflight(long, check_module=False).problems if "does not fit" in p)
+    assert "FP8 KV cache: quantization.kv_cache: fp8" in msg
+    assert compute_budget(dataclasses.replace(long, quantization=fp8.quantization), cfg).fits

@@ -73,7 +73,11 @@ def _quantization() -> tuple[PassSpec, ...]:
 
     rows = [fp8_projection.SPEC]
     # --- int4 (issue #11): add INT4 rows here ---
-    # --- fp8x (issue #10 part 3): add the FP8 KV-cache row here ---
+    # --- fp8x (issue #10 part 3): the FP8 KV cache, after the weight rows (it calibrates the new K/V of the
+    # graph with quantized weights: what the cache will hold) ---
+    from .quant import kv_fp8
+
+    rows.append(kv_fp8.SPEC)
     return tuple(rows)
 
 
