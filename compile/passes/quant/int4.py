@@ -90,6 +90,23 @@ def float_tensor(a: torch.Tensor, name: str, dtype: ir.DataType = ir.DataType.FL
     return ir.Tensor(t.numpy(), name=name)
 
 
+AddInitializer = "Callable[[object, ir.Tensor], ir.Value]"   # (rewrite builder, tensor) -> graph initializer
+
+
+class MakesInitializers:
+    """Mixin of the INT4 rules: new initializers go through ``self.add`` (the passes stage's
+    weights.passes.bin writer; None: inside the graph, for tests), once per graph and name."""
+
+    add = None
+    _graph = None
+
+    def _init(self, op, tensor: ir.Tensor) -> ir.Value:
+        have = self._graph.initializers.get(tensor.name) if self._graph is not None else None
+        if have is not None:
+            return have
+        return self.add(op, tensor) if self.add is not None else op.initializer(tensor, tensor.name)
+
+
 @dataclass
 class Int4Weight:
     """How one projection weight W [K, N] is stored: INT4 q [K, N], fp32 scale [G, N] of
@@ -133,5 +150,5 @@ def rtn(name: str, w: torch.Tensor, group: int = GROUP, scale_dtype: torch.dtype
     return Int4Weight(name, q, s, "rtn", group=group)
 
 
-__all__ = ["torch_threads", "GROUP", "ORT_SESSION_CONFIG", "Int4Weight", "quantize_kn", "dequantize_kn", "fake_quantize_kn",
+__all__ = ["MakesInitializers", "torch_threads", "GROUP", "ORT_SESSION_CONFIG", "Int4Weight", "quantize_kn", "dequantize_kn", "fake_quantize_kn",
            "int4_tensor", "float_tensor", "TORCH_DTYPES", "rtn"]
