@@ -65,9 +65,9 @@ class Int4CpuMoE(MakesInitializers, QcnRule):
     pass_name = "int4_cpu_moe"
     root_op = "MoE"
 
-    def __init__(self, add=None):
+    def __init__(self, accuracy_level: int = 0, add=None):
         super().__init__()
-        self.add = add
+        self.accuracy_level, self.add = accuracy_level, add
         self._graph = None
 
     def pattern(self, op, x, router_weight, gate_up, down, shared_gate_up, shared_down, shared_gate,
@@ -106,7 +106,8 @@ class Int4CpuMoE(MakesInitializers, QcnRule):
         logits = op.MatMul(x, op.Transpose(router_weight, perm=[1, 0]))
         routed = op.QMoE(x, logits, fc1, fc1_s, None, fc2, fc2_s, _domain="com.microsoft", _version=1,
                          k=attr(node, "top_k"), activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
-                         activation_beta=0.0, normalize_routing_weights=1, expert_weight_bits=4, block_size=GROUP)
+                         activation_beta=0.0, normalize_routing_weights=1, expert_weight_bits=4, block_size=GROUP,
+                         accuracy_level=self.accuracy_level)
 
         def kn(q: ir.Value, s: ir.Value) -> ir.Value:   # [R, K] int4 + [R, G] -> DQ of [K, R] (axis 0)
             wq = self._init(op, int4_tensor(_ints(q).T.contiguous(), f"{q.name}.kn"))

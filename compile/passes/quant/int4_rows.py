@@ -4,6 +4,7 @@
   int4_projections  MatMul(x, W) -> MatMul(x', DQ(W int4, scale, axis 0, block 128))   weights: int4
   int4_experts      qcn::MoE float -> weight_format "int4"                             experts: int4
   int4_cpu_moe      qcn::MoE int4 -> com.microsoft.QMoE + shared expert (onnxruntime)  experts: int4
+  int4_cpu_matmul   MatMul(x, DQ(W int4)) -> com.microsoft.MatMulNBits (onnxruntime)
 
 One :class:`Int4State` per passes stage (``ctx.shared``), made on the prefill graph at the
 first check of any INT4 rule (before any INT4 rewrite): which weights are quantized and how,
@@ -25,6 +26,7 @@ from ..base import PassError
 from ..plan import ALL_MODULES, PassSpec
 from .awq import AwqStats
 from .int4 import TORCH_DTYPES, torch_threads
+from .int4_cpu_matmul import Int4CpuMatMul
 from .int4_cpu_moe import Int4CpuMoE
 from .int4_experts import MoeInt4, MoeStats, MoeWeights, quantize_moe
 from .int4_fold import Int4AwqFold
@@ -164,9 +166,14 @@ ROWS = (
              "qcn::MoE float -> weight_format int4 (INT4 g128 experts and shared expert)",
              wanted=lambda q: None if q.experts == "int4" else f"quantization.experts is {q.experts!r}",
              provides=(("experts", "int4"),)),
-    PassSpec("int4_cpu_moe", lambda ctx: Int4CpuMoE(add=_adder(ctx)), ("onnxruntime",), ("qcn", "MoE"),
+    PassSpec("int4_cpu_moe", lambda ctx: Int4CpuMoE(ctx.quant.int4_cpu_accuracy_level, add=_adder(ctx)),
+             ("onnxruntime",), ("qcn", "MoE"),
              "qcn::MoE int4 -> com.microsoft.QMoE (routed experts read INT4 in place) + INT4 shared expert",
              wanted=lambda q: None if q.experts == "int4" else f"quantization.experts is {q.experts!r}"),
+    PassSpec("int4_cpu_matmul", lambda ctx: Int4CpuMatMul(ctx.quant.int4_cpu_accuracy_level, add=_adder(ctx)),
+             ("onnxruntime",), ("", "MatMul"),
+             "MatMul(x, DQ(W int4)) -> com.microsoft.MatMulNBits (accuracy_level from the recipe)",
+             wanted=lambda q: None if "int4" in (q.weights, q.experts) else "nothing is INT4"),
 )
 
 __all__ = ["ROWS", "Int4State", "state", "make_state"]
