@@ -142,6 +142,8 @@ def build_stage(recipe: Recipe, onnx_dir: Path, out: Path, *, module_version: st
             (tmp / TIMING_CACHE).write_bytes(cache)
         for f in src.tokenizer.files + ((src.passes.report,) if src.passes.report else ()):
             shutil.copyfile(Path(onnx_dir) / f, tmp / f)  # tokenizer; the passes report (what was lowered)
+        if (Path(onnx_dir) / "accuracy.json").is_file():  # a quantized compile's accuracy gate report
+            shutil.copyfile(Path(onnx_dir) / "accuracy.json", tmp / "accuracy.json")
         recipe_dict = recipe.to_dict()
         build = BuildSection(
             target=target.name, module=target.module, module_version=version,
