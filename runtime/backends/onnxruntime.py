@@ -158,9 +158,10 @@ class OrtBackend:
         return dict(zip(names, values))
 
     # -- state ------------------------------------------------------------------------------
-    def create_state(self, *, slots: int, max_context: int) -> OrtStateStore:
-        """The state store a Session keeps its sequences in (IOBinding, no per-step cache copy)."""
-        return OrtStateStore(self, slots=slots, max_context=max_context)
+    def create_state(self, *, slots: int, max_context: int, manifest: Manifest | None = None) -> OrtStateStore:
+        """The state store a Session keeps its sequences in (IOBinding, no per-step cache copy);
+        ``manifest``: a view of the manifest whose ``state`` the store holds (the mtp graph's caches)."""
+        return OrtStateStore(self, slots=slots, max_context=max_context, manifest=manifest)
 
     def has_graph(self, graph_name: str) -> bool:
         return graph_name in self._sessions
