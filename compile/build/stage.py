@@ -167,7 +167,7 @@ def build_stage(recipe: Recipe, onnx_dir: Path, out: Path, *, module_version: st
                            for i, p in enumerate(profiles)),
             graph_profile={g: i for i, p in enumerate(profiles) for g in p.graphs},
             # read from the parsed network the engine was built from: no engine can be
-            # deserialized without a GPU (FINDINGS.md)
+            # deserialized without a GPU (docs/FINDINGS.md)
             io=from_json(NetworkIO, io_box["io"], "network io"), io_source="network",
             # tensorrt_rtx: none, qcn ops are inlined from their ONNX function bodies
             plugins=tuple(plugins),
