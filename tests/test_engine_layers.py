@@ -135,3 +135,45 @@ def test_layer_report_parser_refuses_other_text():
         lb.parse_layer_report("Layers:\n\nI/O Tensors:\n")
     assert lb.find_layer_report([(3, "something"), (4, "Layers:\nName: a, LayerType: gemm")]).startswith("Layers:")
     assert lb.find_layer_report([(3, "something")]) is None
+
+
+def test_int4_moe_body_builds_with_int4_expert_weights_on_sm86_and_sm120(tmp_path):
+    """qcn::MoE weight_format "int4" (its function body dequantizes each whole INT4 expert stack
+    before gathering): builds for SM86 + SM120; every expert weight stays an Int4 constant."""
+    import onnx_ir as ir
+    import torch
+
+    from qcn.compile.passes.quant.int4 import int4_tensor
+    from qcn.compile.passes.quant.int4_experts import MoeWeights, quantize_moe
+    from qcn.compile.plugins.moe import op as moe_op
+    from qcn.compile.plugins.onnx_function import DOMAIN, DOMAIN_VERSION
+
+    e, hid, i, si = 4, 256, 128, 64
+    g = torch.Generator().manual_seed(0)
+    w = MoeWeights(torch.randn(e, hid, generator=g), torch.randn(e, 2 * i, hid, generator=g) * 0.3,
+                   torch.randn(e, hid, i, generator=g) * 0.3, torch.randn(2 * si, hid, generator=g) * 0.3,
+                   torch.randn(hid, si, generator=g) * 0.3, 2, True)
+    q = quantize_moe("l", w, "rtn", None, torch.float32)
+    names = ("gate_up", "down", "shared_gate_up", "shared_down")
+    inits = [nh.from_array(w.router.numpy(), "router"), nh.from_array(torch.randn(1, hid, generator=g).numpy(), "sg")]
+    for nm in names:
+        inits += [ir.serde.serialize_tensor(int4_tensor(q.q[nm], f"{nm}.int4")), nh.from_array(q.scale[nm].numpy(), f"{nm}.s")]
+    node = h.make_node("MoE", ["x", "router"] + [f"{n}.int4" for n in names] + ["sg"] + [f"{n}.s" for n in names], ["y"],
+                       domain=DOMAIN, overload=moe_op.overload("int4"), top_k=2, norm_topk_prob=1, weight_format="int4")
+    graph = h.make_graph([node], "moe", [h.make_tensor_value_info("x", TP.FLOAT, ["N", hid])],
+                         [h.make_tensor_value_info("y", TP.FLOAT, ["N", hid])], inits)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 23), h.make_opsetid(DOMAIN, DOMAIN_VERSION)],
+                         functions=[moe_op.function_proto(23, "int4")])
+    path = tmp_path / "moe_int4.onnx"
+    onnx.save(model, path)
+    prof = trtb.Profile("all", ("prefill",), {"x": ((1, hid), (4, hid), (16, hid))})
+    config = trtb.create_config(trt, [prof], workspace_gib=0.5, compute_capabilities=("8.6", "12.0"))
+    _, _, report = trtb.engine_bytes(trt, trtb.NetworkFromOnnxPath(trt, path), config)
+    layers = lb.parse_layer_report(report)
+    weights = [c for l in layers for c in l["constants"] if len(c["shape"]) >= 2]
+    # the four expert weights are Int4 constants: routed [E, 2I, H] and [E, H, I], shared [2SI, H] and [H, SI]
+    # (each as the builder lays it out); none of them was folded to a float constant
+    assert sorted(c["shape"][-2] * c["shape"][-1] * (c["shape"][0] if len(c["shape"]) == 3 else 1)
+                  for c in weights if c["dtype"] == "int4") == sorted([e * 2 * i * hid, e * hid * i, 2 * si * hid, hid * si])
+    assert not [c for c in weights if c["dtype"] == "float32" and c["shape"][-2] * c["shape"][-1] >= hid * si]
+    assert lb.gemm_precisions(layers).get("int4_weight_only", 0) >= 1
