@@ -33,8 +33,11 @@ def _fp8(name, arr):
     return h.make_tensor(name, TP.FLOAT8E4M3FN, arr.shape, arr.ravel().tolist())
 
 
-def _graph(form: str) -> onnx.ModelProto:
-    """One MatMul in the named form; fp32 activations, opset 23 (the export's)."""
+def _graph(form: str, rank: int = 2) -> onnx.ModelProto:
+    """One MatMul in the named form; fp32 activations x [T, K] (rank 3: [B, T, K]), opset 23 (the
+    export's). ``fp8_block_flat``: fp8_block with the MatMul on x flattened to [B*T, K]."""
+    flat = form.endswith("_flat")
+    form = form.removesuffix("_flat")
     W = _weights()
     inits = []
     nodes = []
@@ -69,19 +72,27 @@ def _graph(form: str) -> onnx.ModelProto:
         inits.append(nh.from_array(W, "wd"))
     else:
         raise ValueError(form)
-    nodes.append(h.make_node("MatMul", [x, "wd"], ["y"], name="matmul"))
-    g = h.make_graph(nodes, form, [h.make_tensor_value_info("x", TP.FLOAT, ["T", K])],
-                     [h.make_tensor_value_info("y", TP.FLOAT, ["T", N])], inits)
+    lead = ["B", "T"][2 - (rank - 1):]
+    if flat:  # Reshape to [B*T, K], MatMul, Reshape back to [B, T, N]
+        inits += [nh.from_array(np.array([-1, K], np.int64), "flat_k"), nh.from_array(np.array([N], np.int64), "n")]
+        nodes += [h.make_node("Reshape", [x, "flat_k"], ["x2"]), h.make_node("MatMul", ["x2", "wd"], ["y2"], name="matmul"),
+                  h.make_node("Shape", ["x"], ["lead"], start=0, end=rank - 1),
+                  h.make_node("Concat", ["lead", "n"], ["yshape"], axis=0), h.make_node("Reshape", ["y2", "yshape"], ["y"])]
+    else:
+        nodes.append(h.make_node("MatMul", [x, "wd"], ["y"], name="matmul"))
+    g = h.make_graph(nodes, form, [h.make_tensor_value_info("x", TP.FLOAT, lead + [K])],
+                     [h.make_tensor_value_info("y", TP.FLOAT, lead + [N])], inits)
     m = h.make_model(g, opset_imports=[h.make_opsetid("", 23)])
     m.ir_version = 10
     return m
 
 
-def _build(tmp_path: Path, form: str, ccs: tuple[str, ...]):
+def _build(tmp_path: Path, form: str, ccs: tuple[str, ...], rank: int = 2):
     """(engine bytes, parsed layers) through the build stage's own loaders."""
     path = tmp_path / f"{form}.onnx"
-    onnx.save(_graph(form), path)
-    prof = trtb.Profile("all", ("prefill",), {"x": ((1, K), (4, K), (16, K))})
+    onnx.save(_graph(form, rank), path)
+    shapes = ((1, K), (4, K), (16, K)) if rank == 2 else ((1, 1, K), (4, 1, K), (4, 64, K))
+    prof = trtb.Profile("all", ("prefill",), {"x": shapes})
     config = trtb.create_config(trt, [prof], workspace_gib=0.25, compute_capabilities=ccs)
     engine, _, report = trtb.engine_bytes(trt, trtb.NetworkFromOnnxPath(trt, path), config)
     assert report is not None, "the builder logged no layer report"
@@ -107,6 +118,20 @@ def test_int4_block_dq_matmul_is_an_int4_weight_only_gemm_on_sm86_sm89_sm120(tmp
     assert {"shape": [K, N], "dtype": "int4"} in [{k: t[k] for k in ("shape", "dtype")} for t in fc["constants"]]
     float_engine, _ = _build(tmp_path, "float", ("8.6", "8.9", "12.0"))
     assert len(engine) < 0.3 * len(float_engine)  # the weights stay 4-bit in the engine (measured 66 KB vs 403 KB)
+
+
+def test_fp8_block_scales_need_a_2d_matmul(tmp_path):
+    """1x128 FP8 block scales with a rank-3 activation [B, T, K] crash Myelin (tensorrt_rtx 1.7.1);
+    the same MatMul on x flattened to [B*T, K] is an FP8 GEMM. Per-channel scales build at rank 3."""
+    with pytest.raises(trtb.BuildError, match=r"CHECK\(is_constant\(\)\) failed"):
+        _build(tmp_path, "fp8_block", ("8.9",), rank=3)
+    onnx.checker.check_model(_graph("fp8_block_flat", 3), full_check=True)
+    _, layers = _build(tmp_path, "fp8_block_flat", ("8.9", "12.0"), rank=3)
+    assert lb.gemm_precisions(layers) == {"fp8": 1}
+    _, layers = _build(tmp_path, "fp8_channel", ("8.9",), rank=3)
+    assert lb.gemm_precisions(layers) == {"fp8": 1}
+    _, layers = _build(tmp_path, "int4_block", ("8.6", "12.0"), rank=3)
+    assert lb.gemm_precisions(layers) == {"int4_weight_only": 1}
 
 
 def test_must_not_report_float_or_weight_only_gemms_as_quantized(tmp_path):
