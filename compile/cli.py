@@ -102,6 +102,13 @@ def _compile(args) -> int:
     result = run_pipeline(recipe, until=args.until, force=args.force, progress=not args.quiet,
                           preflight_report=report)
     done = ", ".join([f"{s} (ran)" for s in result.ran] + [f"{s} (up to date)" for s in result.skipped])
+    accuracy = result.dirs["passes"] / "accuracy.json" if "passes" in result.dirs else None
+    if accuracy is not None and accuracy.is_file() and recipe.quantization.active:
+        import json
+
+        from .passes.quant.accuracy import report_text
+
+        print(f"qcn-compile: {report_text(json.loads(accuracy.read_text()))}")
     print(f"qcn-compile: wrote {result.output} (recipe {recipe.name}; {done})")
     return 0
 

@@ -273,21 +273,37 @@ def up_to_date(d: Path, inputs_sha256: str, cache: HashCache | None = None) -> b
     return True
 
 
-def passes_inputs(recipe: Recipe, export_manifest: Manifest | None) -> str:
-    """The passes stage's skip key: the export's files, the target's pass plan, quantization,
-    qcn's sources and version."""
+def calibration_fingerprint(recipe: Recipe, cache: HashCache | None = None) -> dict[str, str] | None:
+    """sha256 of every file of the calibration source (None when nothing is quantized): an edited
+    calibration text re-runs the passes (new ranges, new accuracy report)."""
+    q = recipe.quantization
+    if not q.active or q.calibration.source is None:
+        return None
+    from .passes.quant.calibrate import source_files
+
+    cache = cache if cache is not None else HashCache()
+    src = Path(q.calibration.source)
+    return {str(p.relative_to(src)) if p != src else p.name: cache.sha256(p) for p in source_files(src)}
+
+
+def passes_inputs(recipe: Recipe, export_manifest: Manifest | None, cache: HashCache | None = None) -> str:
+    """The passes stage's skip key: the export's files, the target's pass plan for this recipe,
+    quantization (calibration source bytes included), qcn's sources and version."""
     from .passes.plan import plan_identity
 
+    quant = recipe.to_dict()["quantization"]
     return sha256_json({"input_files": dict(export_manifest.files) if export_manifest else None,
-                        "passes": plan_identity(recipe.target_info.module), "qcn": _version("qcn"),
-                        "qcn_code": code_fingerprint(),
-                        "quantization": dataclasses.asdict(recipe.quantization)})
+                        "passes": plan_identity(recipe.target_info.module, recipe.quantization),
+                        "qcn": _version("qcn"), "qcn_code": code_fingerprint(), "quantization": quant,
+                        "calibration_files": calibration_fingerprint(recipe, cache)})
 
 
 def passes_stage(recipe: Recipe, export_dir: Path, out: Path, inputs_sha256: str, *, force: bool = False,
-                 hash_cache: HashCache | None = None) -> Path:
+                 hash_cache: HashCache | None = None, progress: bool = False) -> Path:
     """Run the target's pass plan (compile/passes/plan.py) over the export directory into `out`:
-    the graphs after each pass, passes_report.json and a manifest with stage "passes"."""
+    the graphs after each pass, passes_report.json and a manifest with stage "passes". A
+    quantized recipe's accuracy gate runs inside the stage (compile/passes/quant/accuracy.py):
+    a missed threshold fails the stage and leaves no directory."""
     from .passes.stage import files_section, run_passes
 
     src = _manifest(export_dir)
@@ -297,8 +313,13 @@ def passes_stage(recipe: Recipe, export_dir: Path, out: Path, inputs_sha256: str
     cache = hash_cache if hash_cache is not None else HashCache()
     with atomic_dir(out, force=force, protect=[recipe.checkpoint]) as tmp:
         written = tmp
-        section = run_passes(Path(export_dir), tmp, recipe.target_info.module, src, cache)
-        graphs, state = retyped_io(src, tmp)
+        section = run_passes(Path(export_dir), tmp, recipe.target_info.module, src, cache,
+                             quant=recipe.quantization, progress=progress)
+        graphs, state = retyped_io(src, tmp)  # a pass may retype graph I/O (the FP8 KV cache)
+        if recipe.quantization.active:  # inside atomic_dir: a failed gate leaves nothing behind
+            from .passes.quant.accuracy import run_gate
+
+            run_gate(Path(export_dir), tmp, src, recipe.quantization, progress=progress)
         write_manifest(tmp, dataclasses.replace(
             src, stage="passes", passes=section, inputs_sha256=inputs_sha256, graphs=graphs, state=state,
             created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -372,7 +393,7 @@ def _run_stages(recipe, dirs, until, force, progress, report, cache) -> Pipeline
         else:
             m = _manifest(dirs[prev])
             if stage == "passes":
-                key = passes_inputs(recipe, m)
+                key = passes_inputs(recipe, m, cache)
             else:
                 key = sha256_json({"input_files": dict(m.files) if m else None,
                                    "recipe": {k: v for k, v in recipe.to_dict().items()
@@ -386,7 +407,7 @@ def _run_stages(recipe, dirs, until, force, progress, report, cache) -> Pipeline
                 compile_recipe(recipe, progress=progress, out=dirs[stage], inputs_sha256=key, force=force,
                                hash_cache=cache)
             elif stage == "passes":
-                passes_stage(recipe, dirs[prev], dirs[stage], key, force=force, hash_cache=cache)
+                passes_stage(recipe, dirs[prev], dirs[stage], key, force=force, hash_cache=cache, progress=progress)
             else:
                 from .build.stage import build_stage
 

@@ -145,14 +145,55 @@ class GenerationOptions:
     top_k: int | None = None
 
 
+FP8_GRANULARITIES = ("channel", "block128")  # per output channel | 1x128 blocks along K (in)
+RANGE_METHODS = ("max", "percentile")
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """Where activation ranges come from (compile/passes/quant/calibrate.py): the first `tokens`
+    tokens of `source` (a UTF-8 text file, or a folder whose *.txt / *.py / *.md files are read in
+    sorted order), tokenized with the artifact's tokenizer, cut into sequences of `seq_len`, run
+    `batch` sequences at a time through the unquantized prefill graph in ONNX Runtime."""
+
+    source: Path | None = None  # required when anything is quantized (preflight says so)
+    tokens: int = 8192
+    seq_len: int = 256
+    batch: int = 4
+    ranges: str = "max"  # max: the largest |x| seen; percentile: the `percentile`-th of |x|
+    percentile: float = 99.99
+
+
+@dataclass(frozen=True)
+class GateOptions:
+    """The accuracy gate (compile/passes/quant/accuracy.py): `tokens` held-out tokens (the ones
+    after the calibration tokens of the same source, so the two never overlap), teacher-forced
+    through the unquantized and the quantized prefill graphs. A threshold of None is not checked
+    (its metric is still reported)."""
+
+    tokens: int = 8192
+    seq_len: int = 256
+    top1_min: float | None = 0.98  # top-1 agreement of the two models' next-token argmax
+    ppl_ratio_max: float | None = 1.01  # perplexity quantized / unquantized
+    kl_mean_max: float | None = None  # mean KL(unquantized || quantized) per token, nats
+
+
 @dataclass(frozen=True)
 class QuantizationOptions:
-    """Weight and KV-cache precisions. Until the quantization passes exist (compile/passes/ is
-    empty) anything but none/activation fails preflight with a message saying so."""
+    """Weight and KV-cache precisions, and how they are calibrated and gated. Which precisions
+    have a pass on which target module is compile/passes/plan.py's table (preflight asks it)."""
 
     weights: str = "none"  # dense projections: attention, DeltaNet, shared experts
     experts: str = "none"  # routed experts: ~97% of Qwen3-Coder-Next's parameters
     kv_cache: str = "activation"
+    fp8_granularity: str = "channel"  # FP8 weight scales: channel | block128 (docs/QUANTIZATION.md)
+    calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
+    gate: GateOptions = field(default_factory=GateOptions)
+
+    @property
+    def active(self) -> bool:
+        """Anything quantized (then calibration and the accuracy gate run)."""
+        return self.weights != "none" or self.experts != "none" or self.kv_cache != "activation"
 
 
 @dataclass(frozen=True)
@@ -205,6 +246,8 @@ class Recipe:
         d["source"] = str(self.source) if self.source else None
         d["model_config"] = str(self.model_config) if self.model_config else None
         d["build"]["compute_capabilities"] = list(self.build.compute_capabilities)
+        src = self.quantization.calibration.source
+        d["quantization"]["calibration"]["source"] = str(src) if src is not None else None
         return d
 
 
@@ -236,11 +279,26 @@ def _build_section(data: Any) -> BuildOptions:
     return _section(BuildOptions, data, "build")
 
 
-def _optional_path(value: Any, where: str) -> Path | None:
+def _quantization_section(data: Any) -> QuantizationOptions:
+    if not isinstance(data, dict):
+        return _section(QuantizationOptions, data, "quantization")
+    data = dict(data)
+    if "calibration" in data:
+        cal = data["calibration"]
+        if isinstance(cal, dict) and "source" in cal:
+            cal = dict(cal, source=_optional_path(cal["source"], "quantization.calibration.source", "a text file or "
+                                                  "a folder of text files"))
+        data["calibration"] = _section(CalibrationOptions, cal, "quantization.calibration")
+    if "gate" in data:
+        data["gate"] = _section(GateOptions, data["gate"], "quantization.gate")
+    return _section(QuantizationOptions, data, "quantization")
+
+
+def _optional_path(value: Any, where: str, what: str = "a directory path") -> Path | None:
     if value is None:
         return None
     if not isinstance(value, str) or not value:
-        raise RecipeError(f"{where}: expected a directory path (string), got {value!r}")
+        raise RecipeError(f"{where}: expected {what} (string), got {value!r}")
     return user_path(value)
 
 
@@ -314,6 +372,21 @@ def validate(recipe: Recipe) -> Recipe:
     _choice(q.weights, WEIGHT_PRECISIONS, "quantization.weights")
     _choice(q.experts, WEIGHT_PRECISIONS, "quantization.experts")
     _choice(q.kv_cache, KV_PRECISIONS, "quantization.kv_cache")
+    _choice(q.fp8_granularity, FP8_GRANULARITIES, "quantization.fp8_granularity")
+    c, gt = q.calibration, q.gate
+    _number(c.tokens, "quantization.calibration.tokens", integer=True, minimum=1)
+    _number(c.seq_len, "quantization.calibration.seq_len", integer=True, minimum=2)
+    _number(c.batch, "quantization.calibration.batch", integer=True, minimum=1)
+    _choice(c.ranges, RANGE_METHODS, "quantization.calibration.ranges")
+    _number(c.percentile, "quantization.calibration.percentile", integer=False, minimum=50, maximum=100)
+    _number(gt.tokens, "quantization.gate.tokens", integer=True, minimum=2)
+    _number(gt.seq_len, "quantization.gate.seq_len", integer=True, minimum=2)
+    if gt.top1_min is not None:
+        _number(gt.top1_min, "quantization.gate.top1_min", integer=False, minimum=0, maximum=1)
+    if gt.ppl_ratio_max is not None:
+        _number(gt.ppl_ratio_max, "quantization.gate.ppl_ratio_max", integer=False, minimum=1)
+    if gt.kl_mean_max is not None:
+        _number(gt.kl_mean_max, "quantization.gate.kl_mean_max", integer=False, minimum=0)
     b = recipe.build
     _choice(b.hardware_compatibility, HARDWARE_COMPATIBILITY, "build.hardware_compatibility")
     _number(b.optimization_level, "build.optimization_level", integer=True, minimum=0, maximum=5)
@@ -382,7 +455,7 @@ def recipe_from_dict(data: Any, source: Path | None = None) -> Recipe:
             export=_section(ExportOptions, data.get("export"), "export"),
             runtime=_runtime_section(data.get("runtime")),
             generation=_section(GenerationOptions, data.get("generation"), "generation"),
-            quantization=_section(QuantizationOptions, data.get("quantization"), "quantization"),
+            quantization=_quantization_section(data.get("quantization")),
             build=_build_section(data.get("build")),
             model_config=_optional_path(data.get("model_config"), "model_config"),
             source=source,

@@ -15,7 +15,8 @@ import pytest
 from qcn.compile import cli
 from qcn.compile.artifacts import sha256_file
 from qcn.compile.export.tiny import TINY_SPECS, write_tiny_checkpoint
-from qcn.compile.passes.plan import pass_table
+from qcn.compile.passes.plan import pass_table, plan_for
+from qcn.compile.plugins.registry import OPS
 from qcn.compile.passes.stage import REPORT, report_text
 from qcn.compile.pipeline import run_pipeline
 from qcn.compile.recipe import RuntimeOptions, load_recipe
@@ -38,19 +39,24 @@ def cpu_art(ckpt, tmp_path_factory):
 
 def test_cpu_passes_dir_is_the_artifact_with_a_report_of_every_pass(cpu_art):
     m = json.loads((cpu_art / "manifest.json").read_text())
-    runs_on_cpu = [p.name for p in pass_table() if "onnxruntime" in p.modules]
+    runs_on_cpu = [p.name for p, why in plan_for("onnxruntime") if why is None]
     assert runs_on_cpu == ["fuse_rms_norm"]  # the fusions that pay on ONNX Runtime (docs/PASSES.md)
     assert m["stage"] == "passes" and m["passes"]["module"] == "onnxruntime" and m["passes"]["run"] == runs_on_cpu
     report = json.loads((cpu_art / REPORT).read_text())
     names = [p.name for p in pass_table()]
     assert [r["pass"] for r in report["passes"]] == names and names
+    lowerings = {e.lowering.pass_name for e in OPS}
     for row in report["passes"]:
         assert set(row["graphs"]) == {"prefill", "decode"}
         if row["pass"] in runs_on_cpu:
             assert row["runs"] is True and all(c["rewritten"] >= 1 and c["refused"] == 0 for c in row["graphs"].values()), row
             continue
-        assert row["runs"] is False and "onnxruntime runs the op's ONNX function body" in row["why_not"]
-        assert all(c["op_nodes"] >= 1 and c["rewritten"] == 0 for c in row["graphs"].values()), row
+        why = ("onnxruntime runs the op's ONNX function body" if row["pass"] in lowerings
+               else "quantization.")  # the quantization rows: nothing asked for ("quantization.weights is 'none'")
+        assert row["runs"] is False and why in row["why_not"], row
+        assert all(c["rewritten"] == 0 for c in row["graphs"].values()), row
+        if row["pass"] in lowerings:
+            assert all(c["op_nodes"] >= 1 for c in row["graphs"].values()), row
     text = report_text(report)
     assert all(n in text for n in names) and "not run" in text
     # the graphs are the fused ones; the weights are the export's file (hard link), listed and hashed
@@ -84,7 +90,8 @@ def test_full_tensorrt_target_lowers_and_writes_each_pass(ckpt, tmp_path):
     assert res.ran == ["export", "passes"] and res.output == d
     m = json.loads((d / "manifest.json").read_text())
     sec = m["passes"]
-    assert sec["module"] == "tensorrt" and sec["run"] == [p.name for p in pass_table() if "tensorrt" in p.modules]
+    assert sec["module"] == "tensorrt" and sec["run"] == [p.name for p, why in plan_for("tensorrt") if why is None]
+    assert sec["run"] == [e.lowering.pass_name for e in OPS]  # nothing quantized: the lowerings only
     c = sec["counts"]
     assert c["lower_gated_deltanet"]["prefill"]["rewritten"] >= 1 and c["lower_moe"]["prefill"]["rewritten"] >= 1
     # prefill: T dynamic, attention refused (decode kernels only); decode: T == 1, lowered
@@ -96,9 +103,10 @@ def test_full_tensorrt_target_lowers_and_writes_each_pass(ckpt, tmp_path):
     report = json.loads((d / REPORT).read_text())
     files = {row["pass"]: row["graphs"]["prefill"].get("file") for row in report["passes"]}
     # the graph after lower_gated_deltanet is kept; the one after the last changing pass is prefill.onnx
-    after = [p.name for p in pass_table()].index("lower_gated_deltanet") + 1  # passes are numbered in table order
-    assert files == {"lower_gated_deltanet": f"prefill.after_{after:02d}_lower_gated_deltanet.onnx",
-                     "lower_moe": "prefill.onnx", "lower_cached_attention": None, "fuse_rms_norm": None}
+    index = {p.name: i for i, p in enumerate(pass_table(), start=1)}["lower_gated_deltanet"]
+    assert {k: v for k, v in files.items() if k in sec["run"]} == {
+        "lower_gated_deltanet": f"prefill.after_{index:02d}_lower_gated_deltanet.onnx",
+        "lower_moe": "prefill.onnx", "lower_cached_attention": None}
     mid = onnx.load(str(d / files["lower_gated_deltanet"]), load_external_data=False)
     final = onnx.load(str(d / "prefill.onnx"), load_external_data=False)
     kinds = lambda g: {(n.domain, n.op_type) for n in g.graph.node}  # noqa: E731

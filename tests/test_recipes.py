@@ -20,19 +20,20 @@ from qcn.compile.recipe import TARGET_TABLE, RecipeError, load_recipe
 REAL = Path("recipes/models/qwen3-coder-next")
 HAVE_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
-FP8 = "FP8 quantization pass, which does not exist yet"
-INT4 = "INT4 quantization pass, which does not exist yet"
+FP8 = "quantization.experts: fp8 needs a quantization pass for it, and no pass implements it yet"
+INT4 = "quantization.experts: int4 needs a quantization pass for it, and no pass implements it yet"
 NO_TRT = "python module 'tensorrt' is not installed; install it: full TensorRT >= 10.9"
 
 # recipe -> (budget fits, reasons it fails today); [] = builds
 SHIPPED = {
     "tiny_cpu": (None, []),
     "pico_cpu": (None, []),
+    "pico_fp8_cpu": (None, []),
     "pico_cpu_mtp": (None, []),
     "tiny_rtx": (True, []),
     "h100_fp8": (True, [FP8, NO_TRT]),
     "h200_fp8": (True, [FP8, NO_TRT]),
-    "h100_int4": (True, [FP8, INT4, NO_TRT]),
+    "h100_int4": (True, [INT4, NO_TRT]),
     "a100_int4": (True, [INT4, NO_TRT]),
     "l40s_fp8": (False, ["does not fit: needs 77.9 GiB on one l40s (44.5 GiB usable); cheapest fix: INT4 experts",
                          FP8, NO_TRT]),
@@ -147,10 +148,15 @@ def test_no_config_to_size_with(tmp_path):
     assert any("no config.json to size the model with" in p for p in pf.preflight(r, check_module=False).problems)
 
 
-def test_fp8_on_cpu_is_refused_before_any_work(tmp_path, tiny_ckpt):
+@pytest.mark.parametrize("quant,message", [
+    ({"experts": "fp8", "calibration": {"source": "recipes/calibration/pico_heldout.txt"}}, FP8),  # no pass yet
+    ({"weights": "fp8"}, "quantization.calibration.source: required when anything is quantized"),
+    ({"weights": "fp8", "calibration": {"source": "nowhere.txt"}}, "quantization.calibration.source: nowhere.txt does not exist"),
+])
+def test_quantization_without_its_pass_or_source_is_refused_before_any_work(tmp_path, tiny_ckpt, quant, message):
     out = tmp_path / "out"
-    path = _recipe(tmp_path, "tiny_cpu", **{"quantization.weights": "fp8"})
-    with pytest.raises(RecipeError, match=FP8):
+    path = _recipe(tmp_path, "tiny_cpu", quantization=quant)
+    with pytest.raises(RecipeError, match=message):
         run_pipeline(load_recipe(path, checkpoint=tiny_ckpt, output=out))
     assert not out.exists() and list(tmp_path.iterdir()) == [path]
 
@@ -164,4 +170,20 @@ def test_cli_check_and_targets(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "memory budget for one l40s GPU" in out and "DOES NOT FIT" in out and "cheapest fix" in out
     assert cli.main(["recipes/h100_fp8.yaml", "--out", str(tmp_path / "o")]) == 2  # fails before any work
-    assert "FP8 quantization pass" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert FP8 in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_budget_shows_fp8_kv_and_offers_it_as_a_fix():
+    """The KV line is 1 byte per element with kv_cache: fp8 (half of bf16), and a recipe whose
+    context only an FP8 cache makes fit is told so."""
+    r = load_recipe("recipes/h100_fp8.yaml")
+    cfg = load_model_config(REAL)
+    kv = {x.item: x for x in compute_budget(r, cfg).lines}["KV cache"]
+    fp8 = dataclasses.replace(r, quantization=dataclasses.replace(r.quantization, kv_cache="fp8"))
+    kv8 = {x.item: x for x in compute_budget(fp8, cfg).lines}["KV cache"]
+    assert "24576 B/token" in kv.detail and "12288 B/token" in kv8.detail and kv8.gib == pytest.approx(kv.gib / 2)
+    long = dataclasses.replace(r, runtime=dataclasses.replace(r.runtime, max_context=98304))
+    assert not compute_budget(long, cfg).fits
+    msg = next(p for p in pf.preflight(long, check_module=False).problems if "does not fit" in p)
+    assert "FP8 KV cache: quantization.kv_cache: fp8" in msg
+    assert compute_budget(dataclasses.replace(long, quantization=fp8.quantization), cfg).fits

@@ -86,16 +86,26 @@ def module_status(module: str) -> tuple[str | None, str | None]:
 
 
 def quantization_problems(recipe: Recipe) -> list[str]:
-    q = recipe.quantization
+    """Each quantization setting no pass of the target's module implements (the pass table says
+    which exist: compile/passes/plan.py ``provides``), and what a quantized recipe needs: a
+    calibration source that exists."""
+    from ..passes.plan import missing_passes
+
+    q, module = recipe.quantization, recipe.target_info.module
     out = []
-    for key, value in (("weights", q.weights), ("experts", q.experts)):
-        if value != "none":
-            out.append(f"quantization.{key}: {value} needs the {value.upper()} quantization pass, which does not exist "
-                       "yet (compile/passes/ has no quantization pass); qcn will not fake it: use none (the activation dtype) "
-                       "until that pass lands")
-    if q.kv_cache != "activation":
-        out.append(f"quantization.kv_cache: {q.kv_cache} needs an FP8 KV-cache pass, which does not exist yet; "
-                   "use activation")
+    for key, value, modules in missing_passes(module, q):
+        default = "activation" if key == "kv_cache" else "none"
+        where = (f"it exists for {modules} targets only, not {module} ({recipe.target})" if modules
+                 else "no pass implements it yet")
+        out.append(f"quantization.{key}: {value} needs a quantization pass for it, and {where}; qcn will not fake it: "
+                   f"use {default} (the activation dtype)" + (" or a target whose module has the pass" if modules else ""))
+    if q.active:
+        src = q.calibration.source
+        if src is None:
+            out.append("quantization.calibration.source: required when anything is quantized: a text file or a folder "
+                       "of text files (held-out text: activation ranges and the accuracy gate are measured on it)")
+        elif not Path(src).exists():
+            out.append(f"quantization.calibration.source: {src} does not exist (a text file or a folder of text files)")
     return out
 
 

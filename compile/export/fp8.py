@@ -36,21 +36,53 @@ DQ_SUFFIX = "_dq"
 _IR_DTYPES = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16}
 
 
+MOE_BLOCK = 128  # qcn::MoE "fp8" block scales are 1 x 128 along K (docs/OPS.md)
+
+
 def fp8_roles(weights: str, experts: str) -> frozenset[str]:
     """The weight-map roles (weights.FP8_ROLES) a recipe's quantization keeps in FP8 when the
-    checkpoint stores them so. Shared experts live inside qcn::MoE, whose FP8 weight format
-    comes with the MoE op (not yet here): until then they are dequantized as before."""
+    checkpoint stores them so: `weights: fp8` the projections and the shared experts,
+    `experts: fp8` the routed experts."""
     roles = set()
     if weights == "fp8":
-        roles.add("projection")
+        roles |= {"projection", "shared_expert"}
     if experts == "fp8":
-        pass  # routed experts: qcn::MoE "fp8" format (see module docstring of compile/plugins/moe/op.py)
+        roles.add("expert")
     return frozenset(roles)
 
 
+def _moe_fp8_format() -> bool:
+    from ..plugins.moe import op as moe_op
+
+    return "fp8" in moe_op.WEIGHT_FORMATS
+
+
 def kept_fp8(specs: list[WeightSpec], checkpoint, roles: frozenset[str]) -> dict[str, WeightSpec]:
-    """The specs, by name, whose FP8 checkpoint bytes the export keeps."""
+    """The specs, by name, whose FP8 checkpoint bytes the export keeps. A MoE layer's weights
+    are kept only all together (routed and shared: qcn::MoE has one weight format per node),
+    with qcn::MoE's "fp8" format and a checkpoint block of 128 along K; otherwise that layer's
+    experts are dequantized as with `none` (logged)."""
     kept = {s.name: s for s in specs if s.fp8 in roles and is_fp8_in(s, checkpoint)}
+    moe: dict[str, list[str]] = {}
+    for s in specs:
+        if s.fp8 in ("expert", "shared_expert"):
+            moe.setdefault(s.name.rsplit(".", 1)[0], []).append(s.name)
+    for layer, names in moe.items():
+        have = [n for n in names if n in kept]
+        if not have:
+            continue
+        why = None
+        if len(have) != len(names):
+            why = (f"only {sorted(have)} of its experts are FP8 for this recipe (quantization.experts and "
+                   "quantization.weights must both be fp8 to keep a MoE layer's FP8 bytes)")
+        elif not _moe_fp8_format():
+            why = "qcn::MoE has no fp8 weight format in this qcn"
+        elif checkpoint.block_size[1] != MOE_BLOCK:
+            why = f"the checkpoint's block along K is {checkpoint.block_size[1]}, qcn::MoE's fp8 blocks are {MOE_BLOCK}"
+        if why:
+            log.info("%s: MoE weights dequantized: %s", layer, why)
+            for n in have:
+                del kept[n]
     if kept:
         log.info("keeping %d FP8 weights of the checkpoint as FP8 (%s)", len(kept), ", ".join(sorted(roles)))
     return kept
@@ -79,8 +111,8 @@ def emit_fp8(model: ir.Model, kept: dict[str, WeightSpec], block: int, activatio
     first = next(iter(graph), None)
     done = 0
     for name, spec in kept.items():
-        if spec.stacked:
-            raise ValueError(f"weight {name}: stacked (expert) FP8 weights go into qcn::MoE, not DequantizeLinear")
+        if spec.fp8 != "projection":
+            continue  # experts: emit_fp8_moe
         old = graph.initializers.get(name)
         if old is None:
             continue
@@ -108,5 +140,43 @@ def emit_fp8(model: ir.Model, kept: dict[str, WeightSpec], block: int, activatio
         else:
             graph.insert_before(first, node)
         old.replace_all_uses_with(node.outputs[0])
+        done += 1
+    return done
+
+
+def emit_fp8_moe(model: ir.Model, kept: dict[str, WeightSpec], activation_dtype: str,
+                 attach: Callable[[ir.Value], None]) -> int:
+    """Each qcn::MoE node whose four expert weights are kept: FP8 weights (the checkpoint's
+    bytes, [E, R, K] / [R, K]) plus `<input>_scale` inputs [E, R, ceil(K/128)] / [R, ceil(K/128)]
+    in the activation dtype, weight_format "fp8", overload "fp8" (contract 3); returns how many."""
+    from ..plugins.moe import op as moe_op
+
+    graph = model.graph
+    act = _IR_DTYPES[activation_dtype]
+    done = 0
+    for node in list(graph):
+        if (node.domain, node.op_type) != ("qcn", "MoE"):
+            continue
+        slots = {n: moe_op.INPUTS.index(n) for n in moe_op.QUANTIZED}
+        values = {n: node.inputs[i] for n, i in slots.items()}
+        if not all(v is not None and v.name in kept for v in values.values()):
+            continue
+        node.resize_inputs(len(moe_op.INPUTS) + len(moe_op.SCALE_INPUTS))
+        for n, i in slots.items():
+            old, spec = values[n], kept[values[n].name]
+            name, shape = old.name, list(spec.shape)
+            if old.is_initializer():
+                graph.initializers.pop(name)
+            old.name = f"{name}.float"
+            w = ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT8E4M3FN), shape=ir.Shape(shape))
+            s = ir.Value(name=name + SCALE_SUFFIX, type=ir.TensorType(act),
+                         shape=ir.Shape(shape[:-1] + [-(-shape[-1] // MOE_BLOCK)]))
+            for v in (w, s):
+                attach(v)
+                graph.register_initializer(v)
+            node.replace_input_with(i, w)
+            node.replace_input_with(len(moe_op.INPUTS) + moe_op.QUANTIZED.index(n), s)
+        node.attributes["weight_format"] = ir.AttrString("weight_format", "fp8")
+        node.overload = moe_op.overload("fp8")
         done += 1
     return done

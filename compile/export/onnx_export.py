@@ -23,7 +23,7 @@ from ..plugins.gated_deltanet.op import VERIFY_OP
 from ..plugins.onnx_function import DOMAIN, DOMAIN_VERSION
 from ..plugins.registry import OPS
 from .config import ModelConfig
-from .fp8 import emit_fp8, initializer_names, kept_fp8
+from .fp8 import emit_fp8, emit_fp8_moe, initializer_names, kept_fp8
 from .modeling import QcnModel, RopeTables
 from .mtp import MTP_INPUTS, MTP_OUTPUTS, MtpModel
 from .weights_file import WeightsWriter
@@ -113,6 +113,8 @@ class InitializerSource:
             if part == "weight":
                 return self.writer.write(name, spec.fp8_chunks(self.checkpoint))
             scale = spec.fp8_scale(self.checkpoint)
+            if spec.fp8 != "projection":  # qcn::MoE's scale inputs have the activation dtype (contract 3)
+                scale = scale.to(self.model.act_dtype)
             if list(scale.shape) != shape:
                 raise ValueError(f"initializer {name}: graph expects {shape}, the weight map gives {list(scale.shape)}")
             return self.writer.write(name, scale)
@@ -191,6 +193,10 @@ def _finish(model: ir.Model, opset: int) -> onnx.ModelProto:
     proto = ir.serde.serialize_model(model)
     used = {n.op_type for n in proto.graph.node if n.domain == DOMAIN}
     proto.functions.extend(op.function(opset) for op in QCN_OPS if op.name in used)
+    if any(n.domain == DOMAIN and n.op_type == "MoE" and n.overload == "fp8" for n in proto.graph.node):
+        from ..plugins.moe.op import function_proto as moe_function  # the official FP8 release's experts (fp8.py)
+
+        proto.functions.append(moe_function(opset, "fp8"))
     if not any(o.domain == DOMAIN for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
     del proto.metadata_props[:]
@@ -232,8 +238,9 @@ def export_graphs(cfg: ModelConfig, checkpoint, rope: RopeTables, out_dir: Path,
                                                            verify=True).eval()
                 ir_model = _trace(m, layout, dynamic_tokens=(graph != "decode"), opset=opset)
                 if kept:
-                    emit_fp8(ir_model, kept, checkpoint.block_size[1], activation_dtype, opset,
-                             attach=lambda v: source.attach_value(v, out_dir))
+                    attach = lambda v: source.attach_value(v, out_dir)  # noqa: E731
+                    emit_fp8(ir_model, kept, checkpoint.block_size[1], activation_dtype, opset, attach=attach)
+                    emit_fp8_moe(ir_model, kept, activation_dtype, attach=attach)
                 source.attach(ir_model, out_dir)
             writer.flush()
             proto = _finish(ir_model, opset)

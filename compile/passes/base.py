@@ -70,6 +70,9 @@ class QcnRule(RewriteRuleClassBase):
     #: the op the pattern roots at, for the report of a pass that does not apply to a target
     root_domain = "qcn"
     root_op = ""
+    #: match only nodes of the main graph, never inside a function body (qcn ops' bodies are the
+    #: ops' semantics; a quantization pass rewrites the model's own nodes)
+    graph_only = False
 
     def __init__(self, config: dict | None = None):
         super().__init__(name=type(self).__name__)
@@ -82,7 +85,14 @@ class QcnRule(RewriteRuleClassBase):
     def check_node(self, context, **bindings) -> dict | MatchResult:
         raise NotImplementedError
 
+    def candidate(self, context, **bindings) -> bool:
+        """False: the match is not this pass's business (not counted, not reported), e.g. a node
+        an earlier rewrite of this or another pass produced. Default: every match is a candidate."""
+        return True
+
     def check(self, context, **bindings):
+        if (self.graph_only and context.root.graph is not context.model.graph) or not self.candidate(context, **bindings):
+            return MatchResult().fail("not a candidate")  # inside a function body, or a node a rule just built
         node = self._root = context.root  # rewrite() runs right after a successful check of this node
         self.result.matched += 1
         got = self.check_node(context, **bindings)
@@ -116,6 +126,8 @@ def apply(rule: QcnRule, model: ir.Model) -> PassResult:
     if res.rewritten:
         if res.plugins:
             model.opset_imports.setdefault(PLUGIN_DOMAIN, 1)
+        for name in [n for n, v in model.graph.initializers.items() if not v.uses() and not v.is_graph_output()]:
+            del model.graph.initializers[name]  # replaced weights (their bytes stay in the file they were in)
         used = {(n.domain, n.op_type) for n in model.graph.all_nodes()}
         for key in [k for k, f in model.functions.items() if (f.domain, f.name) not in used]:
             del model.functions[key]

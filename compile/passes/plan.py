@@ -1,47 +1,84 @@
-"""Which passes run for which target, in order: the pass table.
+"""Which passes run for which target and recipe, in order: the pass table.
 
 Each row is one pass (one rewrite rule in its own file). A target runs the rows whose
-``modules`` include its module; for the others the passes stage still writes a report line
-that names the pass, counts the nodes it would have matched, and says why it does not apply.
+``modules`` include its module and whose ``wanted`` (a function of the recipe's quantization
+options) says yes; for the others the passes stage still writes a report line that names the
+pass, counts the nodes it would have matched, and says why it does not run.
 
-Today's table (docs/PASSES.md):
-  lower_gated_deltanet, lower_moe, lower_cached_attention   full TensorRT only (`tensorrt`):
-      qcn ops -> the ops' AOT TensorRT plugins (the op registry's rows, plugins/registry.py).
-      onnxruntime (target cpu) and tensorrt_rtx (no plugin path) run the ops' ONNX function
-      bodies, so these passes do not apply there.
-The cpu target's pass list is therefore empty today: its passes stage writes the export's
-graphs unchanged (hard links) plus the report. Quantization (FP8/INT4), fusions and CPU
-lowerings are rows to add here: ``PassSpec(name, rule factory, modules)``, placed before
-the plugin lowerings (a lowering must see the final weight formats).
+Order (docs/PASSES.md): fusions -> quantization -> CPU lowerings -> TensorRT plugin lowerings
+(a lowering must see the final weight formats). Each helper adds its rows in its own section of
+:func:`pass_table`.
+
+What a precision needs is data too: a row's ``provides`` lists the recipe settings it
+implements (``("weights", "fp8")``); preflight refuses a recipe setting no row of the target's
+module provides (:func:`missing_passes`), so a pass that lands is usable without touching
+preflight.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 from .base import QcnRule
+
+if TYPE_CHECKING:
+    from ..recipe import QuantizationOptions
+    from .context import PassContext
 
 WHY_NOT = {
     "onnxruntime": "onnxruntime runs the op's ONNX function body (no plugins on this target)",
     "tensorrt_rtx": "TensorRT-RTX has no plugin path; its ONNX parser inlines the op's function body",
 }
+ALL_MODULES = ("onnxruntime", "tensorrt", "tensorrt_rtx")
+
+
+def _always(q: "QuantizationOptions") -> str | None:
+    return None
 
 
 @dataclass(frozen=True)
 class PassSpec:
     name: str
-    make: Callable[[dict | None], QcnRule]   # config pinned by earlier registrations (None: free)
+    make: Callable[["PassContext"], QcnRule]  # the rule for one graph (ctx: recipe options, weights, ranges)
     modules: tuple[str, ...]                  # target modules the pass runs for
     root: tuple[str, str]                     # (domain, op_type) its pattern roots at
     summary: str
+    wanted: Callable[["QuantizationOptions"], str | None] = _always  # None: wanted; else why not
+    provides: tuple[tuple[str, str], ...] = ()  # recipe settings (quantization.<key>, value) it implements
+    # activation tensors to calibrate before the rule runs on the prefill graph: model -> {key: tensor}
+    calibrate: Callable | None = field(default=None)
     reasons: Mapping[str, str] = field(default_factory=dict)  # module -> why the pass does not run there
 
-    def why_not(self, module: str) -> str | None:
-        """None when the pass runs for ``module``; otherwise the reason it does not."""
-        if module in self.modules:
-            return None
-        return self.reasons.get(module) or WHY_NOT.get(module, f"runs for {list(self.modules)} only, not {module}")
+    def why_not(self, module: str, quant: "QuantizationOptions | None" = None) -> str | None:
+        """None when the pass runs for ``module`` and these options; otherwise the reason it does not."""
+        if module not in self.modules:
+            return self.reasons.get(module) or WHY_NOT.get(module, f"runs for {list(self.modules)} only, not {module}")
+        if quant is not None:
+            return self.wanted(quant)
+        return None
+
+
+def _lowerings() -> tuple[PassSpec, ...]:
+    from ..plugins.registry import OPS
+
+    return tuple(PassSpec(e.lowering.pass_name, lambda ctx, cls=e.lowering: cls(None), ("tensorrt",),
+                          (e.lowering.root_domain, e.lowering.root_op), f"qcn::{e.name} -> its TensorRT AOT plugins")
+                 for e in OPS)
+
+
+def _quantization() -> tuple[PassSpec, ...]:
+    # --- quant (issue #10 parts 1, 4): FP8 W8A8 projections, FP8 experts ---
+    from .quant import fp8_projection
+
+    rows = [fp8_projection.SPEC]
+    # --- int4 (issue #11): add INT4 rows here ---
+    # --- fp8x (issue #10 part 3): the FP8 KV cache, after the weight rows (it calibrates the new K/V of the
+    # graph with quantized weights: what the cache will hold) ---
+    from .quant import kv_fp8
+
+    rows.append(kv_fp8.SPEC)
+    return tuple(rows)
 
 
 # --- fusions (rtx): first, before quantization (a quantization rule sees fused MatMuls) ----------
@@ -51,7 +88,7 @@ def fusions() -> tuple[PassSpec, ...]:
     from .fuse_rms_norm import FuseRmsNorm
 
     return (
-        PassSpec("fuse_rms_norm", FuseRmsNorm, ("onnxruntime",), ("", "Mul"),
+        PassSpec("fuse_rms_norm", lambda ctx: FuseRmsNorm(None), ("onnxruntime",), ("", "Mul"),
                  "the export's 7-node RMSNorm -> opset-23 RMSNormalization",
                  reasons={"tensorrt_rtx": "no gain measured: TensorRT-RTX fuses the 7-node form itself (the tiny "
                                           "model's engine has 177 layers with or without this pass)",
@@ -60,17 +97,39 @@ def fusions() -> tuple[PassSpec, ...]:
 
 
 def pass_table() -> tuple[PassSpec, ...]:
-    from ..plugins.registry import OPS
-
-    return fusions() + tuple(PassSpec(e.lowering.pass_name, e.lowering, ("tensorrt",), (e.lowering.root_domain, e.lowering.root_op),
-                          f"qcn::{e.name} -> its TensorRT AOT plugins") for e in OPS)
-
-
-def plan_for(module: str) -> list[tuple[PassSpec, str | None]]:
-    """Every pass with None (runs) or the reason it does not run for target module ``module``."""
-    return [(p, p.why_not(module)) for p in pass_table()]
+    # --- cpu (issue #12): CPU lowering rows go between quantization and the plugin lowerings ---
+    cpu: tuple[PassSpec, ...] = ()
+    return fusions() + _quantization() + cpu + _lowerings()
 
 
-def plan_identity(module: str) -> list[dict]:
-    """What the passes stage's skip key depends on."""
-    return [{"pass": p.name, "runs": why is None} for p, why in plan_for(module)]
+def plan_for(module: str, quant: "QuantizationOptions | None" = None) -> list[tuple[PassSpec, str | None]]:
+    """Every pass with None (runs) or the reason it does not run for target module ``module``
+    and the recipe's quantization options ``quant`` (default: nothing quantized)."""
+    if quant is None:
+        from ..recipe import QuantizationOptions
+
+        quant = QuantizationOptions()
+    return [(p, p.why_not(module, quant)) for p in pass_table()]
+
+
+def plan_identity(module: str, quant: "QuantizationOptions | None" = None) -> list[dict]:
+    """What the passes stage's skip key depends on (which passes run, in order)."""
+    return [{"pass": p.name, "runs": why is None} for p, why in plan_for(module, quant)]
+
+
+QUANT_DEFAULTS = {"weights": "none", "experts": "none", "kv_cache": "activation"}
+
+
+def missing_passes(module: str, quant: "QuantizationOptions") -> list[tuple[str, str, list[str]]]:
+    """(recipe key, value, modules that have a pass for it) for each quantization setting no
+    pass of target module ``module`` implements."""
+    table = pass_table()
+    out = []
+    for key, default in QUANT_DEFAULTS.items():
+        value = getattr(quant, key)
+        if value == default:
+            continue
+        rows = [p for p in table if (key, value) in p.provides]
+        if not any(module in p.modules for p in rows):
+            out.append((key, value, sorted({m for p in rows for m in p.modules})))
+    return out

@@ -9,7 +9,10 @@ Output directory (written atomically; see docs/PASSES.md):
   passes_report.json            per pass and graph: runs or why not, matched / rewritten /
                                 refused (each refusal with its node and reason), new nodes,
                                 plugins used and the registration config
-  weights.bin, tokenizer files  hard links of the export's (passes do not change weights yet)
+  weights.bin, tokenizer files  hard links of the export's
+  weights.passes.bin            initializers the passes made (quantized weights, scales), when
+                                any did (compile/passes/quant/weights.py); the graphs reference
+                                both files
   manifest.json                 the export manifest with stage "passes" and a "passes" section
 The build stage reads only this directory: the lowered graph, and the plugin configs from the
 manifest's "passes" section.
@@ -21,14 +24,20 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
+import onnx_ir as ir
 from qcn.artifact import Manifest, PassesSection, sha256_file
 
 from ..artifacts import atomic_dir
 from .base import PassError, apply, to_ir, to_proto
+from .context import PassContext
 from .plan import plan_for
+from .quant.weights import PassWeights
+from ..recipe import QuantizationOptions
 
 log = logging.getLogger(__name__)
 
@@ -53,18 +62,46 @@ def _count_roots(proto: onnx.ModelProto, root: tuple[str, str]) -> int:
     return sum(1 for n in proto.graph.node if (n.domain, n.op_type) == root)
 
 
-def run_graph(proto: onnx.ModelProto, module: str, where: str, on_change=None) -> tuple[onnx.ModelProto, list[dict]]:
-    """Run the pass plan for target module ``module`` over one graph. Returns the graph after the
-    last pass (``proto`` itself when none changed it) and one report entry per pass;
-    ``on_change(index, pass name, proto)`` sees the graph after each pass that changed it."""
+@dataclass
+class StageInputs:
+    """What the rules of one passes stage share across its graphs."""
+
+    module: str
+    quant: QuantizationOptions
+    weights: PassWeights
+    export_dir: Path | None = None  # where the graphs' external data lives (None: nowhere)
+    calibrate: Callable | None = None  # (proto of the current prefill graph, {key: tensor}) -> {key: range}
+    ranges: dict = field(default_factory=dict)
+    calibrated: dict = field(default_factory=dict)  # pass -> number of tensors it had calibrated
+
+    def context(self, graph: str) -> PassContext:
+        return PassContext(self.module, self.quant, graph, self.weights, self.ranges)
+
+
+def run_graph(proto: onnx.ModelProto, module: str, where: str, on_change=None, *, graph: str = "prefill",
+              inputs: StageInputs | None = None) -> tuple[onnx.ModelProto, list[dict]]:
+    """Run the pass plan for target module ``module`` (and ``inputs.quant``) over one graph.
+    Returns the graph after the last pass (``proto`` itself when none changed it) and one report
+    entry per pass; ``on_change(index, pass name, proto)`` sees the graph after each pass that
+    changed it. A pass that asks for calibration gets it on the prefill graph as it is when the
+    pass runs (unquantized by this pass); the decode graph reuses those ranges."""
+    if inputs is None:
+        inputs = StageInputs(module, QuantizationOptions(), PassWeights(Path(".")))
     model, entries, out = None, [], proto
-    for i, (spec, why) in enumerate(plan_for(module), start=1):
+    for i, (spec, why) in enumerate(plan_for(module, inputs.quant), start=1):
         if why is not None:
-            entries.append({"op_nodes": _count_roots(proto, spec.root), "rewritten": 0})
+            entries.append({"op_nodes": _count_roots(out, spec.root), "rewritten": 0})
             continue
         if model is None:
             model = to_ir(proto, where)
-        res = apply(spec.make(None), model)
+            if inputs.export_dir is not None:
+                ir.external_data.set_base_dir(model.graph, inputs.export_dir)
+        if spec.calibrate is not None and graph == "prefill" and inputs.calibrate is not None:
+            targets = {k: t for k, t in spec.calibrate(model).items() if k not in inputs.ranges}
+            if targets:
+                inputs.ranges.update(inputs.calibrate(to_proto(model), targets))
+                inputs.calibrated[spec.name] = len(targets)
+        res = apply(spec.make(inputs.context(graph)), model)
         entries.append(res.to_dict())
         for node, reason in res.refused:
             log.info("%s: %s refused %s: %s", where, spec.name, node, reason)
@@ -75,39 +112,68 @@ def run_graph(proto: onnx.ModelProto, module: str, where: str, on_change=None) -
     return out, entries
 
 
-def run_passes(export_dir: Path, out: Path, module: str, src_manifest: Manifest, cache=None) -> PassesSection:
-    """Run the pass plan for target module ``module`` over every graph of ``export_dir``; write
-    graphs and report into ``out`` (an empty directory). Returns the manifest's passes section."""
+def _calibrator(export_dir: Path, out: Path, src_manifest: Manifest, quant: QuantizationOptions, progress: bool):
+    """The stage's calibration: the recipe's source through the current prefill graph (run from
+    ``out``, where weights.bin and weights.passes.bin are)."""
+    from .quant.calibrate import GraphRunner, collect_ranges, token_windows
+
+    cal = quant.calibration
+
+    def calibrate(proto: onnx.ModelProto, targets: dict[str, str]) -> dict:
+        windows = token_windows(cal.source, export_dir / "tokenizer.json", tokens=cal.tokens, seq_len=cal.seq_len)
+        runner = GraphRunner(proto, out, src_manifest.graphs["prefill"].inputs, list(dict.fromkeys(targets.values())))
+        log.info("calibrating %d tensors on %d x %d tokens of %s", len(targets), *windows.shape, cal.source)
+        return collect_ranges(runner, targets, windows, cal.batch, progress=progress)
+
+    return calibrate
+
+
+def run_passes(export_dir: Path, out: Path, module: str, src_manifest: Manifest, cache=None, *,
+               quant: QuantizationOptions | None = None, progress: bool = False) -> PassesSection:
+    """Run the pass plan for target module ``module`` and the recipe's quantization options
+    ``quant`` over every graph of ``export_dir``; write graphs, weights.passes.bin and report
+    into ``out`` (an empty directory). Returns the manifest's passes section."""
     export_dir, out = Path(export_dir), Path(out)
-    plan = plan_for(module)
+    quant = quant if quant is not None else QuantizationOptions()
+    plan = plan_for(module, quant)
     graphs = {name: g.file for name, g in src_manifest.graphs.items()}
+    graphs = dict(sorted(graphs.items(), key=lambda kv: kv[0] != "prefill"))  # prefill first: it calibrates
     rows = [{"pass": spec.name, "summary": spec.summary, "runs": why is None,
              **({"why_not": why} if why else {}), "graphs": {}} for spec, why in plan]
-    written: set[str] = set()
-    for graph, gfile in graphs.items():
-        path = export_dir / gfile
-        files: dict[int, str] = {}
-
-        def save(i, name, proto, stem=Path(gfile).stem, files=files):
-            files[i] = f"{stem}.after_{i:02d}_{name}.onnx"
-            onnx.save(proto, str(out / files[i]))
-
-        _, entries = run_graph(onnx.load(str(path), load_external_data=False), module, str(path), save)
-        for i, (row, entry) in enumerate(zip(rows, entries), start=1):
-            if i in files:
-                entry["file"] = files[i]
-            row["graphs"][graph] = entry
-        if files:
-            last = max(files)
-            os.replace(out / files[last], out / gfile)  # the graph after the last change is the graph
-            rows[last - 1]["graphs"][graph]["file"] = gfile
-        else:
-            _link(path, out / gfile, cache)
-        written.add(gfile)
-    for rel in src_manifest.files:
-        if rel not in written:
+    gfiles = set(graphs.values())
+    for rel in src_manifest.files:  # weights first: graphs written during the stage resolve against out
+        if rel not in gfiles:
             _link(export_dir / rel, out / rel, cache)
+    with PassWeights(out) as weights:
+        inputs = StageInputs(module, quant, weights, export_dir=export_dir,
+                             calibrate=_calibrator(export_dir, out, src_manifest, quant, progress))
+        for graph, gfile in graphs.items():
+            path = export_dir / gfile
+            files: dict[int, str] = {}
+
+            def save(i, name, proto, stem=Path(gfile).stem, files=files):
+                files[i] = f"{stem}.after_{i:02d}_{name}.onnx"
+                onnx.save(proto, str(out / files[i]))
+
+            _, entries = run_graph(onnx.load(str(path), load_external_data=False), module, str(path), save,
+                                   graph=graph, inputs=inputs)
+            for i, (row, entry) in enumerate(zip(rows, entries), start=1):
+                if i in files:
+                    entry["file"] = files[i]
+                row["graphs"][graph] = entry
+            if files:
+                last = max(files)
+                os.replace(out / files[last], out / gfile)  # the graph after the last change is the graph
+                rows[last - 1]["graphs"][graph]["file"] = gfile
+            else:
+                _link(path, out / gfile, cache)
     report = {"module": module, "graphs": list(graphs), "passes": rows}
+    if inputs.calibrated:
+        cal = quant.calibration
+        report["calibration"] = {"source": str(cal.source), "tokens": cal.tokens, "seq_len": cal.seq_len,
+                                 "ranges": cal.ranges, **({"percentile": cal.percentile} if cal.ranges == "percentile" else {}),
+                                 "tensors": inputs.calibrated,
+                                 "values": {k: {"amax": r.amax, "used": r.value(cal)} for k, r in inputs.ranges.items()}}
     (out / REPORT).write_text(json.dumps(report, indent=2) + "\n")
     log.info("%s", report_text(report))
     plugins = {}

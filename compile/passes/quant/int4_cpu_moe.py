@@ -35,7 +35,7 @@ from onnxscript.rewriter import MatchResult
 
 from ...plugins.moe.quant import pack_int4
 from ..base import QcnRule, attr, refuse
-from .int4 import GROUP, int4_tensor
+from .int4 import GROUP, MakesInitializers, int4_tensor
 from .int4_projection import const_weight
 
 NAMES = ("x", "router_weight", "gate_up", "down", "shared_gate_up", "shared_down", "shared_gate",
@@ -61,12 +61,13 @@ def _interleave(t: torch.Tensor) -> torch.Tensor:
     return torch.stack([t[:, :i], t[:, i:]], dim=2).reshape(t.shape)
 
 
-class Int4CpuMoE(QcnRule):
+class Int4CpuMoE(MakesInitializers, QcnRule):
     pass_name = "int4_cpu_moe"
     root_op = "MoE"
 
-    def __init__(self):
+    def __init__(self, accuracy_level: int = 0, add=None):
         super().__init__()
+        self.accuracy_level, self.add = accuracy_level, add
         self._graph = None
 
     def pattern(self, op, x, router_weight, gate_up, down, shared_gate_up, shared_down, shared_gate,
@@ -94,9 +95,6 @@ class Int4CpuMoE(QcnRule):
         context.model.opset_imports.setdefault("com.microsoft", 1)
         return {}
 
-    def _init(self, op, tensor: ir.Tensor) -> ir.Value:
-        have = self._graph.initializers.get(tensor.name) if self._graph is not None else None
-        return have if have is not None else op.initializer(tensor, tensor.name)
 
     def rewrite(self, op, x, router_weight, gate_up, down, shared_gate_up, shared_down, shared_gate,
                 gate_up_scale, down_scale, shared_gate_up_scale, shared_down_scale):
@@ -108,7 +106,8 @@ class Int4CpuMoE(QcnRule):
         logits = op.MatMul(x, op.Transpose(router_weight, perm=[1, 0]))
         routed = op.QMoE(x, logits, fc1, fc1_s, None, fc2, fc2_s, _domain="com.microsoft", _version=1,
                          k=attr(node, "top_k"), activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
-                         activation_beta=0.0, normalize_routing_weights=1, expert_weight_bits=4, block_size=GROUP)
+                         activation_beta=0.0, normalize_routing_weights=1, expert_weight_bits=4, block_size=GROUP,
+                         accuracy_level=self.accuracy_level)
 
         def kn(q: ir.Value, s: ir.Value) -> ir.Value:   # [R, K] int4 + [R, G] -> DQ of [K, R] (axis 0)
             wq = self._init(op, int4_tensor(_ints(q).T.contiguous(), f"{q.name}.kn"))

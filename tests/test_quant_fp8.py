@@ -1,0 +1,388 @@
+"""FP8 W8A8 (compile/passes/quant/): the recipe schema, weights.passes.bin, the FP8 projection
+rule (positive and must-NOT-fire), calibration ranges, the accuracy gate, and end to end on a
+tiny random checkpoint: the quantized ONNX graph in ONNX Runtime equals a naive torch FP8
+simulation of the same model, and a gate set too tight fails the compile leaving nothing."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import yaml
+from onnx import TensorProto as TP
+from onnx import helper as oh
+from onnx import numpy_helper as nh
+
+from qcn.compile.build import preflight as pf
+from qcn.compile.passes.base import apply, to_ir, to_proto
+from qcn.compile.passes.context import PassContext
+from qcn.compile.passes.plan import missing_passes, plan_for
+from qcn.compile.passes.quant import fp8
+from qcn.compile.passes.quant.accuracy import Metrics, every_token_logits, failures
+from qcn.compile.passes.quant.calibrate import ActivationRange, CalibrationError, token_windows
+from qcn.compile.passes.quant.fp8_projection import Fp8Projection
+from qcn.compile.passes.quant.weights import PASSES_WEIGHTS, PassWeights
+from qcn.compile.recipe import (CalibrationOptions, GateOptions, QuantizationOptions, RecipeError, load_recipe)
+
+HELDOUT = "recipes/calibration/pico_heldout.txt"
+
+
+# --- recipe ------------------------------------------------------------------------------
+
+def _write(tmp_path, quant: dict, base="recipes/tiny_cpu.yaml"):
+    data = yaml.safe_load(open(base).read())
+    data["quantization"] = quant
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_recipe_quantization_sections_are_typed_and_frozen(tmp_path):
+    r = load_recipe(_write(tmp_path, {"weights": "fp8", "fp8_granularity": "block128",
+                                      "calibration": {"source": HELDOUT, "tokens": 512, "ranges": "percentile",
+                                                      "percentile": 99.9},
+                                      "gate": {"top1_min": 0.9, "kl_mean_max": 0.1, "ppl_ratio_max": None}}))
+    q = r.quantization
+    assert isinstance(q.calibration, CalibrationOptions) and isinstance(q.gate, GateOptions) and q.active
+    assert str(q.calibration.source) == HELDOUT and q.calibration.tokens == 512 and q.gate.ppl_ratio_max is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        q.calibration.tokens = 1
+    d = r.to_dict()["quantization"]
+    assert d["calibration"]["source"] == HELDOUT and json.dumps(d)  # JSON-able (the skip key hashes it)
+    assert not QuantizationOptions().active
+
+
+@pytest.mark.parametrize("quant,message", [
+    ({"calibration": {"sorce": "x"}}, r"quantization.calibration: unknown key\(s\) \['sorce'\]; valid keys: \['batch'"),
+    ({"gate": {"top1": 0.9}}, r"quantization.gate: unknown key\(s\) \['top1'\]"),
+    ({"fp8_granularity": "tensor"}, r"quantization.fp8_granularity: 'tensor' is not valid; choose one of \['channel', 'block128'\]"),
+    ({"calibration": {"ranges": "mse"}}, r"quantization.calibration.ranges: 'mse' is not valid; choose one of \['max', 'percentile'\]"),
+    ({"calibration": {"percentile": 101}}, r"quantization.calibration.percentile: 101 is out of range"),
+    ({"calibration": {"source": 3}}, r"quantization.calibration.source: expected a text file or a folder"),
+    ({"gate": {"top1_min": 1.5}}, r"quantization.gate.top1_min: 1.5 is out of range"),
+    ({"gate": {"ppl_ratio_max": 0.9}}, r"quantization.gate.ppl_ratio_max: 0.9 is out of range; must be >= 1"),
+    ({"calibration": {"tokens": 0}}, r"quantization.calibration.tokens: 0 is out of range"),
+])
+def test_bad_quantization_recipes(tmp_path, quant, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(_write(tmp_path, quant))
+
+
+def test_preflight_asks_the_pass_table():
+    q = QuantizationOptions(weights="fp8")
+    for module in ("onnxruntime", "tensorrt", "tensorrt_rtx"):
+        assert missing_passes(module, q) == []
+        assert dict((p.name, why) for p, why in plan_for(module, q))["fp8_projection"] is None
+    assert missing_passes("onnxruntime", QuantizationOptions(kv_cache="fp8")) == [("kv_cache", "fp8", [])]
+    assert dict((p.name, why) for p, why in plan_for("onnxruntime"))["fp8_projection"] == "quantization.weights is 'none'"
+    r = load_recipe("recipes/pico_fp8_cpu.yaml")
+    assert pf.quantization_problems(r) == []
+    bad = dataclasses.replace(r, quantization=dataclasses.replace(r.quantization, kv_cache="fp8"))
+    assert pf.quantization_problems(bad) == [
+        "quantization.kv_cache: fp8 needs a quantization pass for it, and no pass implements it yet; qcn will not fake "
+        "it: use activation (the activation dtype)"]
+
+
+# --- weights.passes.bin ---------------------------------------------------------------------
+
+def test_pass_weights_are_written_once_and_read_back(tmp_path):
+    import onnx_ir as ir
+
+    w = PassWeights(tmp_path)
+    t = torch.randn(33, 7).to(torch.float8_e4m3fn)
+    graphs = [ir.Graph([], [], nodes=[], name=g) for g in ("prefill", "decode")]
+    from onnx_ir._tape import Builder
+
+    vals = [w.add(Builder(g), "a.fp8", t) for g in graphs]
+    small = w.add(Builder(graphs[0]), "a.input_scale", torch.tensor(0.5))
+    w.close()
+    assert list(w.written) == ["a.fp8"] and (tmp_path / PASSES_WEIGHTS).stat().st_size == t.numel()
+    assert all(v.name in g.initializers for v, g in zip(vals, graphs))
+    for v in vals:
+        assert torch.equal(PassWeights.torch(v).view(torch.uint8), t.view(torch.uint8))
+    assert not isinstance(small.const_value, ir.ExternalTensor) and float(PassWeights.torch(small)) == 0.5
+
+
+# --- the rule on a hand-made graph ------------------------------------------------------------
+
+K, N, N2 = 200, 24, 16  # K not a multiple of 128: the last block is short
+
+
+def _graph(rng):
+    """x [n, K] -> MatMul(x, W) -> Relu -> MatMul(., W2) = y (a graph output, like lm_head);
+    plus MatMul(x, x^T) (two activations)."""
+    W = rng.standard_normal((K, N)).astype(np.float32)
+    W[:, 3] = 0  # an all-zero column: scale 1, exact zeros
+    W2 = rng.standard_normal((N, N2)).astype(np.float32)
+    nodes = [oh.make_node("MatMul", ["x", "W"], ["h"]), oh.make_node("Relu", ["h"], ["r"]),
+             oh.make_node("MatMul", ["r", "W2"], ["y"]), oh.make_node("Transpose", ["x"], ["xt"]),
+             oh.make_node("MatMul", ["x", "xt"], ["g"])]
+    g = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TP.FLOAT, ["n", K])],
+                      [oh.make_tensor_value_info("y", TP.FLOAT, ["n", N2]), oh.make_tensor_value_info("g", TP.FLOAT, ["n", "n"])],
+                      [nh.from_array(W, "W"), nh.from_array(W2, "W2")])
+    m = oh.make_model(g, opset_imports=[oh.make_opsetid("", 23)])
+    m.ir_version = 10
+    return m, W, W2
+
+
+def _ctx(tmp_path, ranges, granularity="channel"):
+    q = QuantizationOptions(weights="fp8", fp8_granularity=granularity,
+                            calibration=CalibrationOptions(source=tmp_path))
+    return PassContext("onnxruntime", q, "prefill", PassWeights(tmp_path), ranges)
+
+
+def _amax(v):
+    r = ActivationRange()
+    r.update(np.array([v], np.float32))
+    return r
+
+
+@pytest.mark.parametrize("granularity", ["channel", "block128"])
+def test_fp8_projection_rewrites_and_equals_a_naive_simulation(tmp_path, granularity):
+    rng = np.random.default_rng(3)
+    proto, W, _ = _graph(rng)
+    model = to_ir(proto, "test")
+    ctx = _ctx(tmp_path, {"W": _amax(2.5), "W2": _amax(9.0)}, granularity)
+    res = apply(Fp8Projection(ctx), model)
+    ctx.weights.close()
+    # rewritten: x @ W; refused: the MatMul making graph output y (like lm_head), x @ x^T (two activations)
+    assert res.rewritten == 1 and res.matched == 3, res.to_dict()
+    reasons = [r for _, r in res.refused]
+    assert len(reasons) == 2 and any("produces graph output 'y'" in r for r in reasons)
+    assert any("weight 'xt' is not a constant initializer" in r for r in reasons)
+    out = to_proto(model)
+    ops = [n.op_type for n in out.graph.node]
+    assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 2 and "W" not in {i.name for i in out.graph.initializer}
+    dq_w = next(n for n in out.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "W.fp8")
+    attrs = {a.name: oh.get_attribute_value(a) for a in dq_w.attribute}
+    assert attrs == ({"axis": 1} if granularity == "channel" else {"axis": 0, "block_size": 128})
+    path = tmp_path / "m.onnx"
+    onnx.save(out, str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+    x = (rng.standard_normal((5, K)) * 1.5).astype(np.float32)
+    x[0, 0] = 40.0  # beyond the calibrated range: saturates at 448 * s_x
+    y = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["y"], {"x": x})[0]
+    # naive torch: per column (or per 128 rows x column) amax / 448, round to E4M3, dequantize, compute
+    Wt = torch.from_numpy(W)
+    if granularity == "channel":
+        s = (Wt.abs().amax(0) / 448).where(Wt.abs().amax(0) > 0, torch.tensor(1.0))
+        se = s.expand(K, N)
+    else:
+        s = torch.stack([Wt[i:i + 128].abs().amax(0) / 448 for i in range(0, K, 128)])
+        s = s.where(s > 0, torch.tensor(1.0))
+        se = torch.cat([s[i // 128][None] for i in range(K)])
+    wdq = (Wt / se).to(torch.float8_e4m3fn).float() * se
+    sx = torch.tensor(2.5 / 448)
+    xdq = (torch.from_numpy(x) / sx).clamp(-448, 448).to(torch.float8_e4m3fn).float() * sx
+    assert float(xdq[0, 0]) == pytest.approx(2.5)
+    ref = torch.relu(xdq @ wdq) @ torch.from_numpy(_graph(np.random.default_rng(3))[2])
+    np.testing.assert_allclose(y, ref.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_projection_must_not_fire(tmp_path):
+    """No calibrated range, a non-float weight, a weight already behind DequantizeLinear, MatMuls
+    inside a function body: nothing rewritten, each refusal says why (the DQ one is no candidate)."""
+    rng = np.random.default_rng(0)
+    proto, _, _ = _graph(rng)
+    model = to_ir(proto, "test")
+    res = apply(Fp8Projection(_ctx(tmp_path, {})), model)
+    assert res.rewritten == 0 and any("no calibrated range for the input of 'W'" in r for _, r in res.refused)
+    res = apply(Fp8Projection(_ctx(tmp_path, {"W": _amax(0.0)})), to_ir(proto, "test"))
+    assert res.rewritten == 0 and any("range of the input of 'W' is 0.0" in r for _, r in res.refused)
+    # already quantized weight (the official FP8 release): not this rule's candidate
+    wq = nh.from_array(np.zeros((K, N), np.uint8), "Wq")
+    wq.data_type = TP.FLOAT8E4M3FN
+    nodes = [oh.make_node("DequantizeLinear", ["Wq", "s"], ["Wd"], axis=1), oh.make_node("MatMul", ["x", "Wd"], ["h"]),
+             oh.make_node("Relu", ["h"], ["y"])]
+    g = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TP.FLOAT, ["n", K])],
+                      [oh.make_tensor_value_info("y", TP.FLOAT, ["n", N])], [wq, nh.from_array(np.ones(N, np.float32), "s")])
+    m = oh.make_model(g, opset_imports=[oh.make_opsetid("", 23)])
+    res = apply(Fp8Projection(_ctx(tmp_path, {"Wd": _amax(1.0), "Wq": _amax(1.0)})), to_ir(m, "test"))
+    assert res.matched == 0 and res.rewritten == 0
+
+
+# --- calibration --------------------------------------------------------------------------
+
+def test_activation_range_max_and_percentile_in_bounded_memory():
+    rng = np.random.default_rng(1)
+    r, seen = ActivationRange(), []
+    for scale in (0.01, 1.0, 30.0, 0.5):  # a later batch's max is far above the first's: bins merge
+        x = rng.standard_normal(20000).astype(np.float32) * scale
+        r.update(x)
+        seen.append(np.abs(x))
+    allv = np.concatenate(seen)
+    assert r.amax == pytest.approx(allv.max()) and r.count == allv.size and r.counts.size == 2048
+    for p in (50, 99, 99.9, 99.99):
+        exact = np.percentile(allv, p)
+        assert exact <= r.percentile(p) <= exact + r.top / 2048 + 1e-6, p
+    assert r.percentile(100) == pytest.approx(allv.max())
+    assert r.value(CalibrationOptions(ranges="max")) == r.amax
+    z = ActivationRange()
+    z.update(np.zeros(5))
+    assert z.amax == 0 and z.percentile(99) == 0
+    with pytest.raises(CalibrationError, match="NaN/Inf"):
+        r.update(np.array([np.nan]), "t")
+
+
+def test_token_windows_from_a_file_and_a_folder(tmp_path):
+    tok = "models/qcn-pico/tokenizer.json"
+    a = token_windows(HELDOUT, tok, tokens=1000, seq_len=100)
+    b = token_windows(HELDOUT, tok, tokens=300, seq_len=100, skip=1000)
+    assert a.shape == (10, 100) and b.shape == (3, 100) and a.dtype == np.int64
+    whole = token_windows(HELDOUT, tok, tokens=1300, seq_len=100)
+    assert np.array_equal(whole[:10], a) and np.array_equal(whole[10:], b)  # the gate's tokens follow calibration's
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "b.py").write_text("print(2)\n" * 50)
+    (tmp_path / "d" / "a.txt").write_text("x = 1\n" * 50)
+    (tmp_path / "d" / "skip.bin").write_bytes(b"\xff\xfe")
+    f = token_windows(tmp_path / "d", tok, tokens=64, seq_len=32)
+    assert f.shape == (2, 32)
+    with pytest.raises(CalibrationError, match=r"tokens, but gate needs tokens"):
+        token_windows(tmp_path / "d", tok, tokens=64, seq_len=32, skip=10**6, what="gate")
+    with pytest.raises(CalibrationError, match="does not exist"):
+        token_windows(tmp_path / "nowhere", tok, tokens=64, seq_len=32)
+
+
+# --- accuracy metrics ------------------------------------------------------------------------
+
+def test_metrics_and_failures():
+    rng = np.random.default_rng(2)
+    ids = rng.integers(0, 11, (2, 6))
+    ref = rng.standard_normal((2, 6, 11))
+    ids[:, 1:] = ref[:, :-1].argmax(-1)  # the reference predicts the text; -ref does not
+    m = Metrics()
+    m.update(ids, ref, ref)
+    r = m.result()
+    assert r["tokens"] == 10 and r["top1_agreement"] == 1 and r["kl_mean"] == pytest.approx(0, abs=1e-12)
+    assert r["ppl_ratio"] == pytest.approx(1)
+    lp = ref[:, :-1] - np.log(np.exp(ref[:, :-1]).sum(-1, keepdims=True))
+    assert r["ppl_reference"] == pytest.approx(np.exp(-np.take_along_axis(lp, ids[:, 1:, None], -1).mean()))
+    m2 = Metrics()
+    m2.update(ids, ref, -ref)
+    bad = m2.result()
+    q = QuantizationOptions(gate=GateOptions(top1_min=0.99, ppl_ratio_max=1.01, kl_mean_max=0.5))
+    msgs = failures(bad, q)
+    assert len(msgs) == 3 and msgs[0].startswith("top1_agreement ") and "< quantization.gate.top1_min 0.99" in msgs[0]
+    assert failures(r, q) == []
+
+
+# --- end to end on a tiny checkpoint -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from qcn.compile.export.tiny import TINY_SPECS, write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", TINY_SPECS["odd"], seed=7)
+
+
+def _tiny_recipe(tmp_path, ckpt, out, granularity="channel", gate=None):
+    data = yaml.safe_load(open("recipes/tiny_cpu.yaml").read())
+    data["quantization"] = {"weights": "fp8", "fp8_granularity": granularity,
+                            "calibration": {"source": HELDOUT, "tokens": 256, "seq_len": 64, "batch": 2},
+                            "gate": gate or {"tokens": 256, "seq_len": 64, "top1_min": 0.5, "ppl_ratio_max": 1.5}}
+    data["runtime"]["max_context"] = 512
+    p = tmp_path / f"{out.name}.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return load_recipe(p, checkpoint=ckpt, output=out)
+
+
+@contextlib.contextmanager
+def _fp8_matmuls(quantized: dict[int, tuple[torch.Tensor, torch.Tensor]], seen: set):
+    """Every ``x @ W`` whose W is one of ``quantized`` (id -> (dequantized W, activation scale))
+    computes fake_quant(x) @ dequant(W): the naive FP8 simulation of the model."""
+    from torch.overrides import TorchFunctionMode
+
+    MATMULS = (torch.Tensor.__matmul__, torch.Tensor.matmul, torch.matmul)
+
+    class Mode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in MATMULS and len(args) == 2 and id(args[1]) in quantized:
+                wdq, sx = quantized[id(args[1])]
+                seen.add(id(args[1]))
+                xq = (args[0].float() / sx).clamp(-448, 448).to(torch.float8_e4m3fn).float() * sx
+                return torch.matmul(xq, wdq)
+            return func(*args, **kwargs)
+
+    with Mode():
+        yield
+
+
+def test_fp8_graph_in_ort_equals_torch_fp8_simulation(tiny, tmp_path):
+    from qcn.compile.export.checkpoint import open_checkpoint
+    from qcn.compile.export.config import load_model_config
+    from qcn.compile.export.modeling import QcnModel, rope_tables
+    from qcn.compile.export.onnx_export import state_layout
+    from qcn.compile.pipeline import run_pipeline
+    from qcn.compile.passes.quant.calibrate import GraphRunner
+    from qcn.artifact import read_manifest
+
+    recipe = _tiny_recipe(tmp_path, tiny, tmp_path / "fp8")
+    art = run_pipeline(recipe).output
+    acc = json.loads((art / "accuracy.json").read_text())
+    assert acc["passed"] and acc["tokens"] == 4 * 63 and 0 < acc["kl_mean"] and set(acc) >= {
+        "tokens", "top1_agreement", "kl_mean", "ppl_ratio", "ppl_quantized", "ppl_reference"}
+    m = read_manifest(art)  # every file, weights.passes.bin included, hashed and listed
+    assert PASSES_WEIGHTS in m.files and "accuracy.json" in m.files
+
+    cfg = load_model_config(tiny)
+    rope = rope_tables(cfg)
+    model = QcnModel(cfg, rope, device="cpu").eval()
+    model.load_weights(open_checkpoint(tiny), rope)
+    graph = onnx.load(str(art / "prefill.onnx"), load_external_data=False)
+    scales = {i.name: float(nh.to_array(i)) for i in graph.graph.initializer if i.name.endswith(".input_scale")}
+    params = dict(model.named_parameters())
+    quantized = {}
+    for name, sx in scales.items():
+        w = params[name.removesuffix(".input_scale")]
+        s = (w.abs().amax(0) / 448).where(w.abs().amax(0) > 0, torch.tensor(1.0))  # per output channel, naive
+        quantized[id(w)] = ((w / s).to(torch.float8_e4m3fn).float() * s, torch.tensor(sx))
+    assert len(quantized) == len(scales) > 0 and "lm_head.input_scale" not in scales
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 37))
+    states = [torch.zeros((2, *[1 if d == "max_context" else d for d in s.shape])) for s in state_layout(cfg, "float32")]
+    seen = set()
+    with torch.no_grad(), _fp8_matmuls(quantized, seen):
+        want = model(torch.from_numpy(ids), torch.zeros(2, dtype=torch.int64), states)[0].numpy()
+    with torch.no_grad():
+        plain = model(torch.from_numpy(ids), torch.zeros(2, dtype=torch.int64), states)[0].numpy()
+    got = GraphRunner(graph, art, m.graphs["prefill"].inputs, ["logits"]).run(ids)["logits"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert np.abs(got - plain).max() > 100 * np.abs(got - want).max()  # the check sees quantization
+    assert len(seen) == len(quantized)  # every quantized projection went through the simulation
+
+
+def test_too_tight_gate_fails_the_compile_and_leaves_nothing(tiny, tmp_path):
+    from qcn.compile.pipeline import run_pipeline
+    from qcn.compile.passes.quant.accuracy import AccuracyGateError
+
+    out = tmp_path / "tight"
+    recipe = _tiny_recipe(tmp_path, tiny, out, granularity="block128",
+                          gate={"tokens": 128, "seq_len": 64, "top1_min": None, "ppl_ratio_max": None, "kl_mean_max": 0.0})
+    with pytest.raises(AccuracyGateError, match=r"accuracy gate failed: kl_mean [0-9.e-]+ > quantization.gate.kl_mean_max 0"):
+        run_pipeline(recipe)
+    assert not out.exists()
+    stages = out.with_name(out.name + ".stages")
+    assert sorted(p.name for p in stages.iterdir()) == ["export"]  # the export stage stays (it passed)
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary directory left
+
+
+def test_every_token_logits_bypasses_the_last_token_gather():
+    x = oh.make_tensor_value_info("h", TP.FLOAT, ["b", "t", 4])
+    nodes = [oh.make_node("Gather", ["h", "i"], ["sel"], axis=1), oh.make_node("Relu", ["sel"], ["r"]),
+             oh.make_node("MatMul", ["r", "W"], ["logits"])]
+    g = oh.make_graph(nodes, "g", [x], [oh.make_tensor_value_info("logits", TP.FLOAT, ["b", 3])],
+                      [nh.from_array(np.array(-1, np.int64), "i"), nh.from_array(np.eye(4, 3, dtype=np.float32), "W")])
+    m = oh.make_model(g, opset_imports=[oh.make_opsetid("", 23)])
+    m.ir_version = 10
+    all_ = every_token_logits(m)
+    h = np.random.default_rng(0).standard_normal((2, 5, 4)).astype(np.float32)
+    full = ort.InferenceSession(all_.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"h": h})[0]
+    last = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"h": h})[0]
+    assert full.shape == (2, 5, 3) and np.array_equal(full[:, -1], last)
+    assert every_token_logits(all_) is all_
