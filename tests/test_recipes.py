@@ -20,7 +20,7 @@ from qcn.compile.recipe import TARGET_TABLE, RecipeError, load_recipe
 REAL = Path("recipes/models/qwen3-coder-next")
 HAVE_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
-FP8 = "quantization.experts: fp8 needs a quantization pass for it, and no pass implements it yet"
+KV8 = "quantization.kv_cache: fp8 needs a quantization pass for it, and no pass implements it yet"
 INT4 = "quantization.experts: int4 needs a quantization pass for it, and no pass implements it yet"
 NO_TRT = "python module 'tensorrt' is not installed; install it: full TensorRT >= 10.9"
 
@@ -30,14 +30,14 @@ SHIPPED = {
     "pico_cpu": (None, []),
     "pico_fp8_cpu": (None, []),
     "tiny_rtx": (True, []),
-    "h100_fp8": (True, [FP8, NO_TRT]),
-    "h200_fp8": (True, [FP8, NO_TRT]),
+    "h100_fp8": (True, [NO_TRT]),
+    "h200_fp8": (True, [NO_TRT]),
     "h100_int4": (True, [INT4, NO_TRT]),
     "a100_int4": (True, [INT4, NO_TRT]),
     "l40s_fp8": (False, ["does not fit: needs 77.9 GiB on one l40s (44.5 GiB usable); cheapest fix: INT4 experts",
-                         FP8, NO_TRT]),
-    "rtx_pro_6000_fp8": (True, [FP8]),
-    "dgx_spark_fp8": (True, [FP8]),
+                         NO_TRT]),
+    "rtx_pro_6000_fp8": (True, []),
+    "dgx_spark_fp8": (True, []),
 }
 
 
@@ -148,7 +148,7 @@ def test_no_config_to_size_with(tmp_path):
 
 
 @pytest.mark.parametrize("quant,message", [
-    ({"experts": "fp8", "calibration": {"source": "recipes/calibration/pico_heldout.txt"}}, FP8),  # no pass yet
+    ({"kv_cache": "fp8", "calibration": {"source": "recipes/calibration/pico_heldout.txt"}}, KV8),  # no pass yet
     ({"weights": "fp8"}, "quantization.calibration.source: required when anything is quantized"),
     ({"weights": "fp8", "calibration": {"source": "nowhere.txt"}}, "quantization.calibration.source: nowhere.txt does not exist"),
 ])
@@ -169,4 +169,4 @@ def test_cli_check_and_targets(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "memory budget for one l40s GPU" in out and "DOES NOT FIT" in out and "cheapest fix" in out
     assert cli.main(["recipes/h100_fp8.yaml", "--out", str(tmp_path / "o")]) == 2  # fails before any work
-    assert FP8 in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert NO_TRT in capsys.readouterr().err and not (tmp_path / "o").exists()

@@ -68,9 +68,9 @@ def _lowerings() -> tuple[PassSpec, ...]:
 
 def _quantization() -> tuple[PassSpec, ...]:
     # --- quant (issue #10 parts 1, 4): FP8 W8A8 projections, FP8 experts ---
-    from .quant import fp8_projection
+    from .quant import fp8_experts, fp8_projection
 
-    rows = [fp8_projection.SPEC]
+    rows = [fp8_projection.SPEC, fp8_experts.SPEC]
     # --- int4 (issue #11): add INT4 rows here ---
     # --- fp8x (issue #10 part 3): add the FP8 KV-cache row here ---
     return tuple(rows)
