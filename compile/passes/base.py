@@ -85,10 +85,6 @@ class QcnRule(RewriteRuleClassBase):
     def check_node(self, context, **bindings) -> dict | MatchResult:
         raise NotImplementedError
 
-    def finish(self, model: ir.Model) -> None:
-        """Called once after the rule ran over ``model``: a check of the whole rewritten model
-        (raise PassError). Default: nothing."""
-
     def candidate(self, context, **bindings) -> bool:
         """False: the match is not this pass's business (not counted, not reported), e.g. a node
         an earlier rewrite of this or another pass produced. Default: every match is a candidate."""
@@ -125,7 +121,6 @@ def apply(rule: QcnRule, model: ir.Model) -> PassResult:
     """Run ``rule`` over ``model`` (in place); drop model functions no node calls any more."""
     count = RewriteRuleSet([RewriteRule(rule.pattern, rule.rewrite, rule.check, name=rule.name)]).apply_to_model(model)
     res = rule.result
-    rule.finish(model)
     if count != res.rewritten:
         raise PassError(f"{res.pass_name}: the rewriter applied {count} rewrites, the rule counted {res.rewritten}")
     if res.rewritten:

@@ -5,9 +5,8 @@ the routed experts' ``gate_up`` [E, 2I, H] / ``down`` [E, H, I] and the shared e
 (``quantization.fp8_granularity: channel``, the MoE kernels' FP8 format), or G = ceil(K/128),
 1x128 blocks along each row's K (``block128``). The router, the shared-expert gate and x stay
 in the activation dtype; the experts compute on the dequantized weights (weight-only FP8, as
-the kernels do: no activation scales). The model's qcn::MoE function body is replaced by the
-"fp8" body (plugins/moe/op.py), so every MoE node of a graph must be converted: a graph left
-with float and fp8 MoE nodes together is a PassError.
+the kernels do: no activation scales). The new node calls the op's "fp8" function overload
+(plugins/moe/op.py), added to the model once; float MoE nodes the rule refuses keep theirs.
 
 Runs when ``quantization.experts: fp8``. Not rewritten (refused): a weight that is not a float
 constant initializer of the expected rank.
@@ -21,7 +20,7 @@ import onnx_ir as ir
 import torch
 
 from ...plugins.moe import op as moe_op
-from ..base import PassError, QcnRule, attr, refuse
+from ..base import QcnRule, attr, refuse
 from ..plan import ALL_MODULES, PassSpec
 from . import fp8
 
@@ -91,33 +90,15 @@ class Fp8Experts(QcnRule):
             scales.append(self.ctx.weights.add(op, f"{v.name}.fp8_scale", s))
         y = op.MoE(x, router_weight, *qs, shared_gate, *scales, _domain="qcn", top_k=attr(node, "top_k"),
                    norm_topk_prob=attr(node, "norm_topk_prob", 1), weight_format="fp8")
+        y.producer().overload = moe_op.overload("fp8")
+        y.shape, y.type = node.outputs[0].shape, node.outputs[0].type
         return self.count_rewrite(op, y, set())
 
     def _install_body(self) -> None:
-        m = self._model
-        key = ("qcn", moe_op.OP_NAME, "")
-        f = m.functions.get(key)
-        if f is not None and attr_of(f) == "fp8":
-            return
-        opset = m.opset_imports.get("", 23)
-        body = ir.serde.deserialize_function(moe_op.function_proto(opset, "fp8"))
-        body.meta["qcn.weight_format"] = "fp8"
-        m.functions[key] = body
-
-    def finish(self, model: ir.Model) -> None:
-        """One MoE body per model: every MoE node must now be fp8."""
-        if not self.result.rewritten:
-            return
-        left = [n.name for n in model.graph if (n.domain, n.op_type) == ("qcn", "MoE")
-                and attr(n, "weight_format", "float") == "float"]
-        if left:
-            raise PassError(f"{PASS}: {len(left)} qcn::MoE nodes stay float ({left[0]}: "
-                            f"{self.result.refused[0][1] if self.result.refused else 'refused'}) next to fp8 ones; "
-                            "one graph holds one MoE format: fix the refusal or set quantization.experts: none")
-
-
-def attr_of(f) -> str | None:
-    return f.meta.get("qcn.weight_format")
+        key = (moe_op.DOMAIN, moe_op.OP_NAME, moe_op.overload("fp8"))
+        if key not in self._model.functions:
+            opset = self._model.opset_imports.get("", 23)
+            self._model.functions[key] = ir.serde.deserialize_function(moe_op.function_proto(opset, "fp8"))
 
 
 SPEC = PassSpec(
