@@ -67,3 +67,14 @@ def test_pico_fp8_engine_for_sm89_has_fp8_gemms(tmp_path):
     acc = json.loads((out / "accuracy.json").read_text())
     assert acc["top1_agreement"] >= recipe.quantization.gate.top1_min
     assert acc["ppl_ratio"] <= recipe.quantization.gate.ppl_ratio_max
+
+
+def test_block128_fp8_on_rtx_fails_naming_the_known_limitation_and_the_fix():
+    from qcn.compile.build.stage import known_failure_hint
+
+    r = load_recipe("recipes/rtx_sm89_fp8.yaml")
+    block = dataclasses.replace(r, quantization=dataclasses.replace(r.quantization, fp8_granularity="block128"))
+    err = "tensorrt_rtx failed to build the engine:\n  ... MyelinCheckException: operand.h:524: CHECK(is_constant()) failed."
+    assert "fp8_granularity: channel" in known_failure_hint(block, err)
+    assert known_failure_hint(r, err) == ""  # per-channel: not this limitation
+    assert known_failure_hint(block, "some other error") == ""
