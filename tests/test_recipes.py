@@ -21,7 +21,6 @@ REAL = Path("recipes/models/qwen3-coder-next")
 HAVE_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 FP8 = "quantization.experts: fp8 needs a quantization pass for it, and no pass implements it yet"
-INT4 = "quantization.experts: int4 needs a quantization pass for it, and no pass implements it yet"
 NO_TRT = "python module 'tensorrt' is not installed; install it: full TensorRT >= 10.9"
 
 # recipe -> (budget fits, reasons it fails today); [] = builds
@@ -29,11 +28,12 @@ SHIPPED = {
     "tiny_cpu": (None, []),
     "pico_cpu": (None, []),
     "pico_fp8_cpu": (None, []),
+    "pico_int4_cpu": (None, []),
     "tiny_rtx": (True, []),
     "h100_fp8": (True, [FP8, NO_TRT]),
     "h200_fp8": (True, [FP8, NO_TRT]),
-    "h100_int4": (True, [INT4, NO_TRT]),
-    "a100_int4": (True, [INT4, NO_TRT]),
+    "h100_int4": (True, [NO_TRT]),   # FP8 projections + INT4 experts: both passes exist
+    "a100_int4": (True, [NO_TRT]),
     "l40s_fp8": (False, ["does not fit: needs 77.9 GiB on one l40s (44.5 GiB usable); cheapest fix: INT4 experts",
                          FP8, NO_TRT]),
     "rtx_pro_6000_fp8": (True, [FP8]),

@@ -71,7 +71,10 @@ def _quantization() -> tuple[PassSpec, ...]:
     from .quant import fp8_projection
 
     rows = [fp8_projection.SPEC]
-    # --- int4 (issue #11): add INT4 rows here ---
+    # --- int4 (issue #11): INT4 weight-only projections and experts, then their CPU forms ---
+    from .quant import int4_rows
+
+    rows += list(int4_rows.ROWS)
     # --- fp8x (issue #10 part 3): add the FP8 KV-cache row here ---
     return tuple(rows)
 
