@@ -29,6 +29,7 @@ SHIPPED = {
     "pico_fp8_cpu": (None, []),
     "pico_int4_cpu": (None, []),
     "pico_cpu_mtp": (None, []),
+    "pico_cpu_mtp": (None, []),
     "tiny_rtx": (True, []),
     "rtx_sm89_fp8": (True, []),
     "h100_fp8": (True, [NO_TRT]),
