@@ -536,3 +536,44 @@ def test_fp8_experts_rule_and_lowering(tmp_path):
              "down1": (rng.standard_normal((E, H, I)) * 0.1).astype(np.float32)}
     assert np.isfinite(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]).all()
     c.weights.close()
+
+
+# --- FP8 activations in front of already-FP8 weights (the official FP8 release) ----------------
+
+def test_fp8_activations_rule_adds_only_the_activation_qdq(tmp_path):
+    from qcn.compile.passes.quant.fp8_activations import Fp8Activations, calibration_targets
+
+    rng = np.random.default_rng(4)
+    W = torch.from_numpy(rng.standard_normal((K, N)).astype(np.float32))
+    s = torch.stack([W[i:i + 128].abs().amax(0) / 448 for i in range(0, K, 128)])  # 1x128 blocks
+    wq = (W / s.repeat_interleave(128, 0)[:K]).to(torch.float8_e4m3fn)
+    wq_t = nh.from_array(wq.view(torch.uint8).numpy(), "Wq")
+    wq_t.data_type = TP.FLOAT8E4M3FN
+    i8 = nh.from_array(np.zeros((K, N), np.int8), "Wi8")  # an int8 DequantizeLinear: refused, not FP8
+    nodes = [oh.make_node("DequantizeLinear", ["Wq", "s"], ["Wd"], axis=0, block_size=128),
+             oh.make_node("MatMul", ["x", "Wd"], ["h"]), oh.make_node("Relu", ["h"], ["r"]),
+             oh.make_node("DequantizeLinear", ["Wi8", "si"], ["Wid"], axis=1),
+             oh.make_node("MatMul", ["x", "Wid"], ["h2"]), oh.make_node("Add", ["r", "h2"], ["y"])]
+    g = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TP.FLOAT, ["n", K])],
+                      [oh.make_tensor_value_info("y", TP.FLOAT, ["n", N])],
+                      [wq_t, nh.from_array(s.numpy(), "s"), i8, nh.from_array(np.ones(N, np.float32), "si")])
+    m = oh.make_model(g, opset_imports=[oh.make_opsetid("", 23)])
+    m.ir_version = 10
+    model = to_ir(m, "t")
+    assert calibration_targets(model) == {"Wq": "x"}
+    c = _ctx(tmp_path, {"Wq": _amax(3.0)})
+    res = apply(Fp8Activations(c), model)
+    c.weights.close()
+    assert res.rewritten == 1 and res.matched == 2 and "other than a float8e4m3fn constant" in res.refused[0][1]
+    out = to_proto(model)
+    inits = {i.name: i for i in out.graph.initializer}
+    assert inits["Wq"].raw_data == wq.view(torch.uint8).numpy().tobytes()  # the checkpoint's bytes, untouched
+    assert [n.op_type for n in out.graph.node].count("QuantizeLinear") == 1
+    x = rng.standard_normal((3, K)).astype(np.float32)
+    y = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    sx = torch.tensor(3.0 / 448)
+    xdq = (torch.from_numpy(x) / sx).clamp(-448, 448).to(torch.float8_e4m3fn).float() * sx
+    ref = torch.relu(xdq @ (wq.float() * s.repeat_interleave(128, 0)[:K])) + torch.from_numpy(x) @ torch.zeros(K, N)
+    np.testing.assert_allclose(y, ref.numpy(), rtol=1e-5, atol=1e-5)
+    again = apply(Fp8Activations(_ctx(tmp_path, {"Wq": _amax(3.0)})), model)  # must NOT fire twice
+    assert again.rewritten == 0 and again.matched == 1  # only the int8 one, refused again
