@@ -52,6 +52,7 @@ def test_cpu_passes_dir_is_the_artifact_with_a_report_of_every_pass(cpu_art):
             assert row["runs"] is True and all(c["rewritten"] >= 1 and c["refused"] == 0 for c in row["graphs"].values()), row
             continue
         why = ("onnxruntime runs the op's ONNX function body" if row["pass"] in lowerings
+               else "ONNX Runtime runs the quantized MoE body" if row["pass"] == "lower_moe_rtx"  # tensorrt_rtx only
                else "quantization.")  # the quantization rows: nothing asked for ("quantization.weights is 'none'")
         assert row["runs"] is False and why in row["why_not"], row
         assert all(c["rewritten"] == 0 for c in row["graphs"].values()), row

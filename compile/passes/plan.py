@@ -99,10 +99,24 @@ def fusions() -> tuple[PassSpec, ...]:
     )
 
 
+# --- TensorRT-RTX lowerings (rtx): after quantization, for the forms TensorRT-RTX's parser cannot inline ---
+
+def rtx_lowerings() -> tuple[PassSpec, ...]:
+    from .lower_moe_rtx import LowerMoeRtx
+
+    return (
+        PassSpec("lower_moe_rtx", lambda ctx: LowerMoeRtx(None), ("tensorrt_rtx",), ("qcn", "MoE"),
+                 "quantized qcn::MoE -> its weights' DequantizeLinear in the graph + the float qcn::MoE "
+                 "(TensorRT-RTX cannot inline a body with DequantizeLinear twice, nor pick an overload)",
+                 reasons={"onnxruntime": "ONNX Runtime runs the quantized MoE body (function overloads) as it is",
+                          "tensorrt": "full TensorRT lowers qcn::MoE to its plugins (lower_moe)"}),
+    )
+
+
 def pass_table() -> tuple[PassSpec, ...]:
     # --- cpu (issue #12): CPU lowering rows go between quantization and the plugin lowerings ---
     cpu: tuple[PassSpec, ...] = ()
-    return fusions() + _quantization() + cpu + _lowerings()
+    return fusions() + _quantization() + cpu + rtx_lowerings() + _lowerings()
 
 
 def plan_for(module: str, quant: "QuantizationOptions | None" = None) -> list[tuple[PassSpec, str | None]]:
