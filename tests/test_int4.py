@@ -358,3 +358,59 @@ def test_int4_experts_rule_in_ort_equals_dequantized_reference_and_keeps_unplann
     tol = 2e-5 * max(float(ref_f.abs().max()), 1.0)
     np.testing.assert_allclose(y_q, ref_q.numpy(), rtol=0, atol=tol)
     np.testing.assert_allclose(y_f, ref_f.numpy(), rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("n,h,e,i,si,k", [(1, 256, 16, 128, 256, 4), (7, 128, 5, 256, 128, 2)])
+def test_cpu_qmoe_lowering_equals_the_int4_body(n, h, e, i, si, k):
+    from qcn.compile.passes.quant.int4_cpu_moe import Int4CpuMoE
+    model, w, sg, q = _moe_model(["int4"], n, h, e, i, si, k, seed=n)
+    ir_model = to_ir(model, "test")
+    res = apply(Int4CpuMoE(), ir_model)
+    assert (res.matched, res.rewritten, res.refused) == (1, 1, [])
+    out = to_proto(ir_model)
+    assert "QMoE" in [nd.op_type for nd in out.graph.node] and not out.functions   # the int4 body is gone
+    x = np.random.default_rng(n).standard_normal((n, h)).astype(np.float32)
+    body = _session(model, ort.GraphOptimizationLevel.ORT_ENABLE_ALL).run(None, {"x": x})[0]
+    low = _session(out, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ORT_SESSION_CONFIG).run(None, {"x": x})[0]
+    np.testing.assert_allclose(low, body, rtol=0, atol=2e-5 * max(float(np.abs(body).max()), 1.0))
+
+
+def test_cpu_qmoe_lowering_must_not_fire_on_float_or_unaligned_moe():
+    from qcn.compile.passes.quant.int4_cpu_moe import Int4CpuMoE
+    model, *_ = _moe_model(["float"], 3, 256, 4, 128, 128, 2)
+    assert apply(Int4CpuMoE(), to_ir(model, "test")).matched == 0
+    model, *_ = _moe_model(["int4"], 3, 200, 4, 128, 128, 2)
+    res = apply(Int4CpuMoE(), to_ir(model, "test"))
+    assert res.rewritten == 0 and "must be multiples of 128" in res.refused[0][1]
+
+
+@pytest.mark.parametrize("k", [256, 300, 77])
+def test_cpu_matmulnbits_lowering_equals_the_dq_matmul_form(k):
+    from qcn.compile.passes.quant.int4_cpu_matmul import Int4CpuMatMul
+    proto, w, _ = _model(k, 40, 8, 24, seed=k)
+    model = to_ir(proto, "test")
+    apply(Int4Projection({n: rtn(n, torch.from_numpy(v)) for n, v in w.items()}), model)
+    dq = to_proto(model)
+    x = np.random.default_rng(k).standard_normal((3, k)).astype(np.float32)
+    ref = _session(dq, ort.GraphOptimizationLevel.ORT_DISABLE_ALL).run(None, {"x": x})
+    for level, tol in ((0, 1e-5), (4, 3e-2)):
+        m = to_ir(dq, "test")
+        res = apply(Int4CpuMatMul(level), m)
+        assert (res.matched, res.rewritten) == (3, 3)
+        out = to_proto(m)
+        nb = [n for n in out.graph.node if n.op_type == "MatMulNBits"]
+        assert len(nb) == 3 and all(helper.get_attribute_value(a) == level for n in nb for a in n.attribute
+                                    if a.name == "accuracy_level")
+        assert "DequantizeLinear" not in [n.op_type for n in out.graph.node]
+        got = _session(out, ort.GraphOptimizationLevel.ORT_DISABLE_ALL).run(None, {"x": x})
+        for r, g in zip(ref, got):
+            scale = max(float(np.abs(r).max()), 1.0)
+            assert np.abs(g - r).max() <= tol * scale, (level, np.abs(g - r).max(), scale)
+            if level == 4 and r.shape[-1] > 8:
+                assert np.abs(g - r).max() > 1e-6 * scale   # int8 activations really are used
+
+
+def test_cpu_matmulnbits_must_not_fire_on_float_matmuls():
+    from qcn.compile.passes.quant.int4_cpu_matmul import Int4CpuMatMul
+    proto, *_ = _model(128, 16, 8, 4)
+    assert apply(Int4CpuMatMul(0), to_ir(proto, "test")).matched == 0

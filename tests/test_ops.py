@@ -14,6 +14,7 @@ from transformers.models.qwen3_next import modeling_qwen3_next as hf
 from qcn.compile.plugins.attention.op import OP as ATTENTION
 from qcn.compile.plugins.attention.reference import cached_attention_reference
 from qcn.compile.plugins.gated_deltanet.op import OP as GDN
+from qcn.compile.plugins.gated_deltanet.op import VERIFY_OP as GDN_VERIFY
 from qcn.compile.plugins.moe.op import OP as MOE
 
 
@@ -56,6 +57,23 @@ def test_gated_deltanet_chunked_calls_equal_one_call():
     _close(torch.cat(ys, dim=1), whole[0], 2e-5)
     _close(rec, whole[2], 2e-5)
     _close(conv, whole[1], 0)
+
+
+@pytest.mark.parametrize("B,T,Hk,Hv,Dk,Dv,K", [(2, 4, 3, 6, 5, 4, 4), (1, 1, 2, 2, 3, 5, 3), (3, 3, 1, 2, 8, 7, 4),
+                                              (2, 6, 2, 4, 6, 3, 2)])
+def test_gated_deltanet_verify_body_gives_every_tokens_state(B, T, Hk, Hv, Dk, Dv, K):
+    """The verify form's entry t equals the plain op run on tokens 0..t (states), and its y the plain y."""
+    inputs = _gdn_inputs(torch.Generator().manual_seed(B * 10 + T + 5), B, T, Hk, Hv, Dk, Dv, K)
+    y, conv_states, rec_states = run_op_in_ort(GDN_VERIFY, inputs, dict(num_k_heads=Hk, norm_eps=1e-6), [3, 4, 5])
+    ref = GDN_VERIFY.torch_op(*inputs.values(), Hk, 1e-6)
+    for o, r in zip((y, conv_states, rec_states), ref):
+        _close(o, r, 2e-5)
+    for t in range(T):
+        prefix = {k: (v[:, :t + 1] if k in ("qkv", "z", "b", "a") else v) for k, v in inputs.items()}
+        y_t, conv_t, rec_t = GDN.torch_op(*prefix.values(), Hk, 1e-6)
+        _close(conv_states[:, t], conv_t, 0)
+        _close(rec_states[:, t], rec_t, 2e-5)
+        _close(y[:, :t + 1], y_t, 2e-5)
 
 
 def _hf_config(**kw):

@@ -29,6 +29,7 @@ SHIPPED = {
     "tiny_cpu": (None, []),
     "pico_cpu": (None, []),
     "pico_fp8_cpu": (None, []),
+    "pico_cpu_mtp": (None, []),
     "pico_fp8_kv_cpu": (None, []),
     "tiny_rtx": (True, []),
     "h100_fp8": (True, [FP8, NO_TRT]),

@@ -5,7 +5,8 @@ Output directory (written atomically; the runtime loads it by its manifest):
                      graphs.*.file -> the engine, and a "build" section (see docs/BUILD.md)
   model.engine       one engine for both graphs (weights stored once), built from prefill.onnx
   model.timing_cache full TensorRT only: reused by the next build of this recipe
-  tokenizer files, passes_report.json (what the passes stage lowered, docs/PASSES.md)
+  tokenizer files, passes_report.json (what the passes stage lowered, docs/PASSES.md),
+  accuracy.json (quantized recipes: the accuracy gate's report), engine_layers.json (the engine's layers)
 The RTX runtime cache (`model.runtime_cache`) is JIT state made on the GPU: the runtime
 backend writes it beside the engine on first use; the build only names it.
 """
@@ -35,6 +36,8 @@ ENGINE = "model.engine"
 TIMING_CACHE = "model.timing_cache"
 RUNTIME_CACHE = "model.runtime_cache"
 LAYERS = "engine_layers.json"  # the builder's layer report, parsed (compile/build/layers.py)
+# reports of the passes stage the built artifact carries too: the accuracy gate's (compile/passes/quant/accuracy.py)
+PASSES_REPORTS = ("accuracy.json",)
 SOURCE_GRAPH = "prefill"  # T dynamic: serves decode (T = 1) as well
 
 
@@ -68,8 +71,9 @@ def load_onnx_dir(onnx_dir: Path, recipe: Recipe) -> Manifest:
         p = Path(onnx_dir) / rel
         if not p.is_file():
             raise OnnxMismatchError(f"{p}: missing (listed in {mpath}); re-run the passes stage")
-        if rel in (graph, "weights.bin") and sha256_file(p) != digest:
-            raise OnnxMismatchError(f"{p}: sha256 differs from {mpath}; the ONNX was modified, re-run the passes stage")
+        if (rel == graph or (rel.startswith("weights") and rel.endswith(".bin"))) and sha256_file(p) != digest:
+            raise OnnxMismatchError(f"{p}: sha256 differs from {mpath}; the ONNX or its weights were modified, "
+                                    "re-run the passes stage")
     recipe_had = m.recipe or {}
     want, have = export_identity(recipe.to_dict()), export_identity(to_json(recipe_had))
     if want != have:
@@ -151,10 +155,9 @@ def build_stage(recipe: Recipe, onnx_dir: Path, out: Path, *, module_version: st
         if layers is not None:
             (tmp / LAYERS).write_text(json.dumps({"source": f"{trt.__name__} {version} builder layer report",
                                                   "layers": layers}, indent=1))
-        for f in src.tokenizer.files + ((src.passes.report,) if src.passes.report else ()):
-            shutil.copyfile(Path(onnx_dir) / f, tmp / f)  # tokenizer; the passes report (what was lowered)
-        if (Path(onnx_dir) / "accuracy.json").is_file():  # a quantized compile's accuracy gate report
-            shutil.copyfile(Path(onnx_dir) / "accuracy.json", tmp / "accuracy.json")
+        reports = ((src.passes.report,) if src.passes.report else ()) + tuple(f for f in PASSES_REPORTS if f in src.files)
+        for f in src.tokenizer.files + reports:
+            shutil.copyfile(Path(onnx_dir) / f, tmp / f)  # tokenizer; the passes' reports (what was lowered, accuracy)
         recipe_dict = recipe.to_dict()
         build = BuildSection(
             target=target.name, module=target.module, module_version=version,

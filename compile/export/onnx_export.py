@@ -19,11 +19,13 @@ import onnx
 import onnx_ir as ir
 import torch
 
+from ..plugins.gated_deltanet.op import VERIFY_OP
 from ..plugins.onnx_function import DOMAIN, DOMAIN_VERSION
 from ..plugins.registry import OPS
 from .config import ModelConfig
 from .fp8 import emit_fp8, emit_fp8_moe, initializer_names, kept_fp8
 from .modeling import QcnModel, RopeTables
+from .mtp import MTP_INPUTS, MTP_OUTPUTS, MtpModel
 from .weights_file import WeightsWriter
 
 log = logging.getLogger(__name__)
@@ -34,9 +36,17 @@ logging.getLogger("torch.onnx._internal.exporter._registration").addFilter(
     lambda record: not record.getMessage().startswith("torchvision is not installed")
 )
 
-QCN_OPS = tuple(e.export for e in OPS)  # the op registry's rows (plugins/registry.py)
+# the op registry's rows (plugins/registry.py), and the GatedDeltaNet verify form (no plugin of its own)
+QCN_OPS = tuple(e.export for e in OPS) + (VERIFY_OP,)
 WEIGHTS_FILE = "weights.bin"
 GRAPHS = ("prefill", "decode")
+MTP_GRAPHS = ("verify", "mtp")  # exported when the checkpoint has an MTP head (docs/MTP.md)
+HIDDEN_OUTPUT = "hidden"  # prefill/decode/verify: [batch, tokens, H] after the final norm, the MTP head's input
+
+
+def per_token_output(s: "StateTensor") -> str:
+    """The verify graph's output holding carried state `s` after every token."""
+    return "per_token." + s.output[len("present."):]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -137,12 +147,39 @@ def _trace(model: QcnModel, layout, dynamic_tokens: bool, opset: int) -> ir.Mode
     act = model.act_dtype
     args = _example_inputs(model.cfg, layout, 3 if dynamic_tokens else 1, act)
     input_names = ["input_ids", "past_len"] + [s.input for s in layout]
-    output_names = ["logits"] + [s.output for s in layout]
+    output_names = ["logits"] + [per_token_output(s) if model.verify and s.kind in ("conv_state", "recurrent_state")
+                                 else s.output for s in layout]
+    if model.hidden:
+        output_names.append(HIDDEN_OUTPUT)
+    return _export(model, args, input_names, output_names, _dynamic_shapes(layout, dynamic_tokens), opset)
+
+
+def mtp_state_layout(cfg: ModelConfig, act_dtype: str) -> list[StateTensor]:
+    """The MTP graph's own KV cache (layer index = num_hidden_layers, after the main layers)."""
+    shape = (cfg.num_key_value_heads, "max_context", cfg.head_dim)
+    L = cfg.num_hidden_layers
+    return [StateTensor(L, "key", MTP_INPUTS[4], MTP_OUTPUTS[2], shape, act_dtype),
+            StateTensor(L, "value", MTP_INPUTS[5], MTP_OUTPUTS[3], shape, act_dtype)]
+
+
+def _trace_mtp(model: MtpModel, opset: int) -> ir.Model:
+    cfg, act = model.cfg, model.act_dtype
+    B, T, P = 2, 3, 5
+    kv = (B, cfg.num_key_value_heads, P, cfg.head_dim)
+    args = (torch.zeros(B, T, dtype=torch.int64, device="meta"), torch.zeros(B, T, cfg.hidden_size, dtype=act, device="meta"),
+            torch.zeros(B, dtype=torch.int64, device="meta"), torch.zeros(B, dtype=torch.int64, device="meta"),
+            torch.zeros(kv, dtype=act, device="meta"), torch.zeros(kv, dtype=act, device="meta"))
+    batch, tokens, past = torch.export.Dim("batch"), torch.export.Dim("tokens"), torch.export.Dim("past")
+    dyn = ({0: batch, 1: tokens}, {0: batch, 1: tokens}, {0: batch}, {0: batch}, {0: batch, 2: past}, {0: batch, 2: past})
+    return _export(model, args, list(MTP_INPUTS), list(MTP_OUTPUTS), dyn, opset)
+
+
+def _export(model, args, input_names, output_names, dynamic_shapes, opset: int) -> ir.Model:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             model, args, dynamo=True, optimize=False, opset_version=opset, verbose=False,
-            dynamic_shapes=_dynamic_shapes(layout, dynamic_tokens),
+            dynamic_shapes=dynamic_shapes,
             custom_translation_table={op.torch_op: op.translation for op in QCN_OPS},
             input_names=input_names, output_names=output_names,
         )
@@ -168,8 +205,11 @@ def _finish(model: ir.Model, opset: int) -> onnx.ModelProto:
 
 def export_graphs(cfg: ModelConfig, checkpoint, rope: RopeTables, out_dir: Path, *, activation_dtype: str,
                   logits: str, opset: int, progress: bool = False, allow_nonfinite: bool = False,
-                  fp8_roles: frozenset[str] = frozenset()) -> dict[str, Path]:
+                  fp8_roles: frozenset[str] = frozenset(), mtp: bool = False) -> dict[str, Path]:
     """Write prefill.onnx, decode.onnx and weights.bin into `out_dir`; return the graph paths.
+    With `mtp` (the checkpoint has an MTP head) also verify.onnx (the target model scoring
+    drafts: logits of every token and the GatedDeltaNet states after every token) and mtp.onnx
+    (the draft head, `compile/export/mtp.py`), and prefill/decode/verify get the `hidden` output.
 
     `fp8_roles` (fp8.fp8_roles of the recipe): weights of these roles that the checkpoint
     stores as FP8 blocks (the official FP8 release) are exported as their FP8 bytes plus
@@ -181,19 +221,27 @@ def export_graphs(cfg: ModelConfig, checkpoint, rope: RopeTables, out_dir: Path,
     if activation_dtype not in DTYPES:
         raise ValueError(f"activation dtype {activation_dtype!r}; valid: {tuple(DTYPES)}")
     layout = state_layout(cfg, activation_dtype)
-    model = QcnModel(cfg, rope, DTYPES[activation_dtype], logits=logits, device="meta").eval()
+    act = DTYPES[activation_dtype]
+    model = QcnModel(cfg, rope, act, logits=logits, device="meta", hidden=mtp).eval()
     paths = {}
     with WeightsWriter(out_dir / WEIGHTS_FILE, allow_nonfinite=allow_nonfinite) as writer:
         kept = kept_fp8(model.specs, checkpoint, fp8_roles)
         source = InitializerSource(writer, model, checkpoint, rope, progress, fp8=kept)
-        for graph in GRAPHS:
+        for graph in GRAPHS + (MTP_GRAPHS if mtp else ()):
             log.info("exporting %s graph", graph)
-            ir_model = _trace(model, layout, dynamic_tokens=(graph == "prefill"), opset=opset)
-            if kept:
-                attach = lambda v: source.attach_value(v, out_dir)  # noqa: E731
-                emit_fp8(ir_model, kept, checkpoint.block_size[1], activation_dtype, opset, attach=attach)
-                emit_fp8_moe(ir_model, kept, activation_dtype, attach=attach)
-            source.attach(ir_model, out_dir)
+            if graph == "mtp":  # the head's weights are dequantized on load (FP8 blocks kept only in the main graphs)
+                mtp_model = MtpModel(cfg, rope, act, device="meta").eval()
+                ir_model = _trace_mtp(mtp_model, opset)
+                InitializerSource(writer, mtp_model, checkpoint, rope, progress).attach(ir_model, out_dir)
+            else:
+                m = model if graph in GRAPHS else QcnModel(cfg, rope, act, logits="all", device="meta", hidden=True,
+                                                           verify=True).eval()
+                ir_model = _trace(m, layout, dynamic_tokens=(graph != "decode"), opset=opset)
+                if kept:
+                    attach = lambda v: source.attach_value(v, out_dir)  # noqa: E731
+                    emit_fp8(ir_model, kept, checkpoint.block_size[1], activation_dtype, opset, attach=attach)
+                    emit_fp8_moe(ir_model, kept, activation_dtype, attach=attach)
+                source.attach(ir_model, out_dir)
             writer.flush()
             proto = _finish(ir_model, opset)
             paths[graph] = out_dir / f"{graph}.onnx"

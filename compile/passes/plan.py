@@ -18,7 +18,7 @@ preflight.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Mapping
 
 from .base import QcnRule
 
@@ -48,11 +48,12 @@ class PassSpec:
     provides: tuple[tuple[str, str], ...] = ()  # recipe settings (quantization.<key>, value) it implements
     # activation tensors to calibrate before the rule runs on the prefill graph: model -> {key: tensor}
     calibrate: Callable | None = field(default=None)
+    reasons: Mapping[str, str] = field(default_factory=dict)  # module -> why the pass does not run there
 
     def why_not(self, module: str, quant: "QuantizationOptions | None" = None) -> str | None:
         """None when the pass runs for ``module`` and these options; otherwise the reason it does not."""
         if module not in self.modules:
-            return WHY_NOT.get(module, f"runs for {list(self.modules)} only, not {module}")
+            return self.reasons.get(module) or WHY_NOT.get(module, f"runs for {list(self.modules)} only, not {module}")
         if quant is not None:
             return self.wanted(quant)
         return None
@@ -80,12 +81,25 @@ def _quantization() -> tuple[PassSpec, ...]:
     return tuple(rows)
 
 
+# --- fusions (rtx): first, before quantization (a quantization rule sees fused MatMuls) ----------
+# Each is kept because it measurably helps a backend; docs/PASSES.md "Fusions" has the numbers.
+
+def fusions() -> tuple[PassSpec, ...]:
+    from .fuse_rms_norm import FuseRmsNorm
+
+    return (
+        PassSpec("fuse_rms_norm", lambda ctx: FuseRmsNorm(None), ("onnxruntime",), ("", "Mul"),
+                 "the export's 7-node RMSNorm -> opset-23 RMSNormalization",
+                 reasons={"tensorrt_rtx": "no gain measured: TensorRT-RTX fuses the 7-node form itself (the tiny "
+                                          "model's engine has 177 layers with or without this pass)",
+                          "tensorrt": "not verified: full TensorRT cannot be installed here"}),
+    )
+
+
 def pass_table() -> tuple[PassSpec, ...]:
-    # --- rtx (issue #10 part 5): fusion rows go first ---
-    fusions: tuple[PassSpec, ...] = ()
     # --- cpu (issue #12): CPU lowering rows go between quantization and the plugin lowerings ---
     cpu: tuple[PassSpec, ...] = ()
-    return fusions + _quantization() + cpu + _lowerings()
+    return fusions() + _quantization() + cpu + _lowerings()
 
 
 def plan_for(module: str, quant: "QuantizationOptions | None" = None) -> list[tuple[PassSpec, str | None]]:

@@ -109,6 +109,10 @@ class OrtBackend:
         if threads is not None:
             opts.intra_op_num_threads = threads
         opts.log_severity_level = 3  # errors only; ORT warnings are noise for users
+        # ORT fuses DequantizeLinear(int4 blocks) + MatMul into MatMulNBits; its default accuracy_level 4
+        # quantizes the activations to int8 (measured max error 0.14 on a 300x200 product vs 1.3e-5):
+        # qcn's INT4 graphs are weight-only, so keep fp32 activations (docs/QUANTIZATION.md, INT4)
+        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         return opts
 
     def _add_shared_weights(self, opts: ort.SessionOptions, model_path: Path) -> None:
@@ -154,9 +158,10 @@ class OrtBackend:
         return dict(zip(names, values))
 
     # -- state ------------------------------------------------------------------------------
-    def create_state(self, *, slots: int, max_context: int) -> OrtStateStore:
-        """The state store a Session keeps its sequences in (IOBinding, no per-step cache copy)."""
-        return OrtStateStore(self, slots=slots, max_context=max_context)
+    def create_state(self, *, slots: int, max_context: int, manifest: Manifest | None = None) -> OrtStateStore:
+        """The state store a Session keeps its sequences in (IOBinding, no per-step cache copy);
+        ``manifest``: a view of the manifest whose ``state`` the store holds (the mtp graph's caches)."""
+        return OrtStateStore(self, slots=slots, max_context=max_context, manifest=manifest)
 
     def has_graph(self, graph_name: str) -> bool:
         return graph_name in self._sessions

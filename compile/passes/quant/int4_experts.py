@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from ...plugins.moe.quant import quantize_int4_groupwise, unpack_int4
 from ...plugins.moe.reference import route_reference
 from .awq import AwqStats, awq_search
-from .int4 import GROUP
+from .int4 import GROUP, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,10 @@ class MoeStats:
         self._kept = 0
 
     def add(self, x: torch.Tensor) -> None:
+        with torch_threads(1):
+            self._add(x)
+
+    def _add(self, x: torch.Tensor) -> None:
         w = self.w
         x = x.reshape(-1, x.shape[-1]).float()
         if self._kept < SAMPLE:
@@ -133,6 +137,11 @@ def _awq_down(down: torch.Tensor, stats: AwqStats, scale_dtype) -> tuple[torch.T
 def quantize_moe(name: str, w: MoeWeights, method: str, stats: MoeStats | None, scale_dtype: torch.dtype,
                  min_tokens: int = MIN_TOKENS) -> MoeInt4:
     """INT4 weights of the layer ``name`` (RTN, or AWQ on the down projections with ``stats``)."""
+    with torch_threads(1):
+        return _quantize_moe(name, w, method, stats, scale_dtype, min_tokens)
+
+
+def _quantize_moe(name, w, method, stats, scale_dtype, min_tokens) -> MoeInt4:
     gate_up, down = w.gate_up.float().clone(), w.down.float().clone()
     sgu, sdown = w.shared_gate_up.float().clone(), w.shared_down.float().clone()
     out = MoeInt4(report={"layer": name, "method": method, "experts": []})

@@ -15,19 +15,19 @@ import torch
 from onnxscript.rewriter import MatchResult
 
 from ..base import QcnRule, refuse
-from .int4 import float_tensor
+from .int4 import MakesInitializers, float_tensor
 from .int4_projection import const_weight
 
 
-class Int4AwqFold(QcnRule):
+class Int4AwqFold(MakesInitializers, QcnRule):
     root_domain = ""
     root_op = "Mul"
     pass_name = "int4_awq_fold"
 
-    def __init__(self, folds: dict[str, tuple[torch.Tensor, frozenset[str]]]):
+    def __init__(self, folds: dict[str, tuple[torch.Tensor, frozenset[str]]], add=None):
         """folds: norm weight name -> (its new value g / s, the projection weights that read it)."""
         super().__init__()
-        self.folds = folds
+        self.folds, self.add = folds, add
 
     def pattern(self, op, a, g):
         return op.Mul(a, g)
@@ -39,6 +39,7 @@ class Int4AwqFold(QcnRule):
         return super().check(context, a=a, g=g)
 
     def check_node(self, context, a, g):
+        self._graph = context.graph_or_function
         new, readers = self.folds[g.name]
         if tuple(g.shape or ()) != tuple(new.shape):
             return refuse(f"{g.name} has shape {g.shape}, the fold has {list(new.shape)}")
@@ -58,7 +59,7 @@ class Int4AwqFold(QcnRule):
     def rewrite(self, op, a, g):
         new, _ = self.folds[g.name]
         t = float_tensor(new, f"{g.name}.awq", g.dtype)
-        return self.count_rewrite(op, op.Mul(a, op.initializer(t, t.name)), set())
+        return self.count_rewrite(op, op.Mul(a, self._init(op, t)), set())
 
 
 __all__ = ["Int4AwqFold"]

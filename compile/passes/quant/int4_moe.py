@@ -19,20 +19,20 @@ from onnxscript.rewriter import MatchResult
 
 from ...plugins.moe import op as moe_op
 from ..base import QcnRule, attr, refuse
-from .int4 import TORCH_DTYPES, float_tensor, int4_tensor
+from .int4 import TORCH_DTYPES, MakesInitializers, float_tensor, int4_tensor
 from .int4_experts import MATRICES, MoeInt4
 from .int4_projection import const_weight
 
 NAMES = ("x", "router_weight", "gate_up", "down", "shared_gate_up", "shared_down", "shared_gate")
 
 
-class Int4Experts(QcnRule):
+class Int4Experts(MakesInitializers, QcnRule):
     pass_name = "int4_experts"
     root_op = "MoE"
 
-    def __init__(self, plan: dict[str, MoeInt4], kept: dict[str, str] | None = None):
+    def __init__(self, plan: dict[str, MoeInt4], kept: dict[str, str] | None = None, add=None):
         super().__init__()
-        self.plan, self.kept = plan, dict(kept or {})
+        self.plan, self.kept, self.add = plan, dict(kept or {}), add
         self._graph = None
 
     def pattern(self, op, x, router_weight, gate_up, down, shared_gate_up, shared_down, shared_gate):
@@ -63,9 +63,6 @@ class Int4Experts(QcnRule):
             model.functions[key] = ir.serde.deserialize_function(moe_op.function_proto(opset, "int4"))
         return {}
 
-    def _init(self, op, tensor: ir.Tensor) -> ir.Value:
-        have = self._graph.initializers.get(tensor.name) if self._graph is not None else None
-        return have if have is not None else op.initializer(tensor, tensor.name)
 
     def rewrite(self, op, x, router_weight, gate_up, down, shared_gate_up, shared_down, shared_gate):
         node = self._root

@@ -27,7 +27,7 @@ import onnx_ir as ir
 import torch
 
 from .awq import awq_search
-from .int4 import GROUP, TORCH_DTYPES, Int4Weight, rtn
+from .int4 import GROUP, TORCH_DTYPES, Int4Weight, rtn, torch_threads
 from .int4_projection import const_weight, producer_constant
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,11 @@ def plan_projections(graph: ir.Graph, load: Callable[[ir.Value], torch.Tensor], 
     tensor; ``activations(names)`` the calibration inputs [T, K] of the named values (AWQ)."""
     if method not in METHODS:
         raise ValueError(f"INT4 method {method!r}; valid: {list(METHODS)}")
+    with torch_threads(1):
+        return _plan(graph, load, method, keep, quantize_lm_head, group_size, activations, progress)
+
+
+def _plan(graph, load, method, keep, quantize_lm_head, group_size, activations, progress) -> ProjectionPlan:
     plan = ProjectionPlan()
     values: dict[str, ir.Value] = {}
     for _, _, w in projections(graph):

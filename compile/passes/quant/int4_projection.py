@@ -18,7 +18,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import MatchResult
 
 from ..base import QcnRule, refuse
-from .int4 import TORCH_DTYPES, Int4Weight, float_tensor, int4_tensor
+from .int4 import TORCH_DTYPES, Int4Weight, MakesInitializers, float_tensor, int4_tensor
 
 
 def const_weight(w: ir.Value | None) -> ir.Value | None:
@@ -35,13 +35,13 @@ def producer_constant(x: ir.Value, op_type: str = "Mul") -> str | None:
     return names[0] if len(names) == 1 else None
 
 
-class Int4Projection(QcnRule):
+class Int4Projection(MakesInitializers, QcnRule):
     root_domain = ""
     root_op = "MatMul"
 
-    def __init__(self, plan: dict[str, Int4Weight], kept: dict[str, str] | None = None):
+    def __init__(self, plan: dict[str, Int4Weight], kept: dict[str, str] | None = None, add=None):
         super().__init__()
-        self.plan, self.kept = plan, dict(kept or {})
+        self.plan, self.kept, self.add = plan, dict(kept or {}), add
         self._graph: ir.Graph | ir.Function | None = None
 
     pass_name = "int4_projections"
@@ -71,10 +71,6 @@ class Int4Projection(QcnRule):
                           f"Mul(., {p.fold}.awq) (the fold pass must run first)")
         return {}
 
-    def _init(self, op, tensor: ir.Tensor) -> ir.Value:
-        """An initializer, shared when an earlier rewrite in this graph made the same one."""
-        have = self._graph.initializers.get(tensor.name) if self._graph is not None else None
-        return have if have is not None else op.initializer(tensor, tensor.name)
 
     def rewrite(self, op, x, w):
         p = self.plan[w.name]
