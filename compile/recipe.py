@@ -178,6 +178,13 @@ class GateOptions:
     top1_min: float | None = 0.98  # top-1 agreement of the two models' next-token argmax
     ppl_ratio_max: float | None = 1.01  # perplexity quantized / unquantized
     kl_mean_max: float | None = None  # mean KL(unquantized || quantized) per token, nats
+    # tokens per graph call, the state (KV cache included) carried between calls as the runtime
+    # does; None: one call per window, except with kv_cache: fp8, where it is 32 (a single call
+    # never reads the cache, so it could not see what FP8 K/V cost)
+    chunk: int | None = None
+
+    def chunk_for(self, kv_cache: str) -> int | None:
+        return self.chunk if self.chunk is not None else (32 if kv_cache == "fp8" else None)
 
 
 @dataclass(frozen=True)
@@ -407,6 +414,8 @@ def validate(recipe: Recipe) -> Recipe:
         _number(gt.ppl_ratio_max, "quantization.gate.ppl_ratio_max", integer=False, minimum=1)
     if gt.kl_mean_max is not None:
         _number(gt.kl_mean_max, "quantization.gate.kl_mean_max", integer=False, minimum=0)
+    if gt.chunk is not None:
+        _number(gt.chunk, "quantization.gate.chunk", integer=True, minimum=1)
     b = recipe.build
     _choice(b.hardware_compatibility, HARDWARE_COMPATIBILITY, "build.hardware_compatibility")
     _number(b.optimization_level, "build.optimization_level", integer=True, minimum=0, maximum=5)

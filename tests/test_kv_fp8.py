@@ -278,3 +278,29 @@ def test_rule_must_not_fire():
 def test_rule_without_a_range_is_an_error_naming_the_layer():
     with pytest.raises(PassError, match="layer 0 cannot have an FP8 KV cache: no calibrated range for new_key.0"):
         apply(kv_fp8.KvFp8(_Ctx({})), _attn_graph())
+
+
+def test_gate_teacher_forces_through_the_cache(built):
+    """The gate of an FP8-KV compile feeds 32 tokens per call, the state carried: on the
+    unquantized graph that equals one call per window (round-off), on the FP8-KV graph it does
+    not (later tokens read the FP8 cache), so the gate can see what the cache costs."""
+    from qcn.artifact import read_manifest
+    from qcn.compile.passes.quant.accuracy import LOGITS, chunked_logits, every_token_logits
+    from qcn.compile.passes.quant.calibrate import GraphRunner
+
+    _, art, ref = built
+    assert json.loads((art / "accuracy.json").read_text())["measured_on"]["tokens_per_call"] == 32
+    ids = np.random.default_rng(4).integers(0, 500, (2, 70))
+    diffs = {}
+    for name, d in (("ref", ref), ("fp8", art)):
+        m = read_manifest(d, verify_hashes=False)
+        proto = onnx.load(str(d / "prefill.onnx"), load_external_data=False)
+        runner = GraphRunner(every_token_logits(proto), d, m.graphs["prefill"].inputs, [LOGITS])
+        chunked = chunked_logits(runner, m.state, ids, 32)
+        assert chunked.shape == (2, 70, m.model.vocab_size)
+        if name == "ref":
+            one = runner.run(ids)[LOGITS]
+            np.testing.assert_allclose(chunked, one, rtol=0, atol=1e-4)
+        diffs[name] = chunked
+    assert np.abs(diffs["fp8"][:, 32:] - diffs["ref"][:, 32:]).max() > 1e-4  # read through the FP8 cache
+    np.testing.assert_allclose(diffs["fp8"][:, :32], diffs["ref"][:, :32], rtol=0, atol=1e-4)  # first call: no cache

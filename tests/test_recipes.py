@@ -30,6 +30,7 @@ SHIPPED = {
     "pico_int4_cpu": (None, []),
     "pico_cpu_mtp": (None, []),
     "pico_cpu_mtp": (None, []),
+    "pico_fp8_kv_cpu": (None, []),
     "tiny_rtx": (True, []),
     "rtx_sm89_fp8": (True, []),
     "h100_fp8": (True, [NO_TRT]),

@@ -148,11 +148,10 @@ def emit_fp8_moe(model: ir.Model, kept: dict[str, WeightSpec], activation_dtype:
                  attach: Callable[[ir.Value], None]) -> int:
     """Each qcn::MoE node whose four expert weights are kept: FP8 weights (the checkpoint's
     bytes, [E, R, K] / [R, K]) plus `<input>_scale` inputs [E, R, ceil(K/128)] / [R, ceil(K/128)]
-    in the activation dtype, weight_format "fp8", overload "fp8" (contract 3); returns how many."""
+    fp32, weight_format "fp8", overload "fp8" (contract 3); returns how many."""
     from ..plugins.moe import op as moe_op
 
     graph = model.graph
-    act = _IR_DTYPES[activation_dtype]
     done = 0
     for node in list(graph):
         if (node.domain, node.op_type) != ("qcn", "MoE"):
@@ -169,7 +168,7 @@ def emit_fp8_moe(model: ir.Model, kept: dict[str, WeightSpec], activation_dtype:
                 graph.initializers.pop(name)
             old.name = f"{name}.float"
             w = ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT8E4M3FN), shape=ir.Shape(shape))
-            s = ir.Value(name=name + SCALE_SUFFIX, type=ir.TensorType(act),
+            s = ir.Value(name=name + SCALE_SUFFIX, type=ir.TensorType(ir.DataType.FLOAT),
                          shape=ir.Shape(shape[:-1] + [-(-shape[-1] // MOE_BLOCK)]))
             for v in (w, s):
                 attach(v)

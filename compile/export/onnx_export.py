@@ -113,8 +113,6 @@ class InitializerSource:
             if part == "weight":
                 return self.writer.write(name, spec.fp8_chunks(self.checkpoint))
             scale = spec.fp8_scale(self.checkpoint)
-            if spec.fp8 != "projection":  # qcn::MoE's scale inputs have the activation dtype (contract 3)
-                scale = scale.to(self.model.act_dtype)
             if list(scale.shape) != shape:
                 raise ValueError(f"initializer {name}: graph expects {shape}, the weight map gives {list(scale.shape)}")
             return self.writer.write(name, scale)

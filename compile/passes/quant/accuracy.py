@@ -3,8 +3,11 @@ unquantized model and fails when the recipe's thresholds are missed.
 
 Held-out text: the ``quantization.gate.tokens`` tokens of the calibration source that follow
 the calibration tokens (never the same tokens), in windows of ``gate.seq_len``, teacher-forced
-(one prefill call per batch of windows, from empty state) through the export's unquantized
-prefill graph and the passes stage's quantized one, both in ONNX Runtime. The graphs return
+(one prefill call per batch of windows, from empty state; or, with ``gate.chunk`` -- 32 by
+default for an FP8 KV cache -- calls of that many tokens carrying every state from call to call,
+the KV cache growing as the runtime's does, so later tokens attend to earlier ones through the
+cache: :func:`chunked_logits`) through the export's unquantized prefill graph and the passes
+stage's quantized one, both in ONNX Runtime. The graphs return
 the last token's logits only (``export.logits: last``); for the gate both are evaluated on a
 copy whose last-token Gather is bypassed (:func:`every_token_logits`), so every position's
 next-token distribution is compared. Per predicted token (position t predicts token t+1):
@@ -30,7 +33,7 @@ import numpy as np
 import onnx
 
 from ...recipe import QuantizationOptions, RecipeError
-from .calibrate import GraphRunner, batches, token_windows
+from .calibrate import GraphRunner, batches, token_windows, zero_feeds
 
 log = logging.getLogger(__name__)
 
@@ -149,10 +152,45 @@ def failures(metrics: dict, quant: QuantizationOptions) -> list[str]:
     return out
 
 
+def chunked_logits(runner: GraphRunner, states, ids: np.ndarray, chunk: int) -> np.ndarray:
+    """Every position's logits [B, T, V] of ``ids`` [B, T] fed ``chunk`` tokens per call from
+    empty state: carried states replaced by the graph's ``present.*``, KV caches grown by its
+    ``new_key``/``new_value`` (FP8 caches as their bytes), ``past_len`` = tokens fed so far.
+    ``states``: the manifest's state specs (names; the graph's own input types are used)."""
+    import onnxruntime as ort
+
+    types = {i.name: i.type for i in runner.session.get_inputs()}
+    B, T = ids.shape
+    feeds = zero_feeds(runner.graph_inputs, ids[:, :chunk])  # caches of one ignored row (past_len 0)
+    names = [LOGITS] + [s.output for s in states]
+    caches: dict[str, np.ndarray] = {}
+    out = []
+    for lo in range(0, T, chunk):
+        feeds["input_ids"] = np.ascontiguousarray(ids[:, lo:lo + chunk])
+        feeds["past_len"] = np.full(B, lo, dtype=np.int64)
+        run = {k: ort.OrtValue.ortvalue_from_numpy_with_onnx_type(np.ascontiguousarray(v).view(np.uint8)
+                                                                   if v.dtype == np.uint8 else
+                                                                   np.zeros(v.shape, np.uint8),
+                                                                   onnx.TensorProto.FLOAT8E4M3FN)
+               if types[k] == "tensor(float8e4m3fn)" else v for k, v in feeds.items()}
+        got = dict(zip(names, runner.session.run(names, run)))
+        out.append(got[LOGITS])
+        for s in states:
+            if s.carried:
+                feeds[s.input] = got[s.output]
+            else:
+                new = got[s.output]
+                caches[s.input] = new if s.input not in caches else np.concatenate([caches[s.input], new], axis=2)
+                feeds[s.input] = caches[s.input]
+    return np.concatenate(out, axis=1)
+
+
 def measure(reference: onnx.ModelProto, quantized: onnx.ModelProto, model_dir: Path, graph_inputs,
-            windows: np.ndarray, batch: int, *, progress: bool = False, reference_dir: Path | None = None) -> dict:
+            windows: np.ndarray, batch: int, *, progress: bool = False, chunk: int | None = None,
+            states=(), reference_dir: Path | None = None) -> dict:
     """The gate's metrics of two prefill graphs whose external data is in ``model_dir`` (the
-    reference's in ``reference_dir`` when given: the export's, after the passes compacted theirs)."""
+    reference's in ``reference_dir`` when given: the export's, after the passes compacted theirs;
+    ``chunk``: tokens per call with the state carried, see :func:`chunked_logits`)."""
     from tqdm import tqdm
 
     runners = [GraphRunner(every_token_logits(g), d, graph_inputs, [LOGITS])
@@ -160,7 +198,10 @@ def measure(reference: onnx.ModelProto, quantized: onnx.ModelProto, model_dir: P
     m = Metrics()
     with tqdm(total=windows.size, unit="tok", desc="accuracy gate", disable=not progress, leave=False) as bar:
         for ids in batches(windows, batch):
-            ref, q = (r.run(ids)[LOGITS] for r in runners)
+            if chunk is None:
+                ref, q = (r.run(ids)[LOGITS] for r in runners)
+            else:
+                ref, q = (chunked_logits(r, states, ids, chunk) for r in runners)
             m.update(ids, ref, q)
             bar.update(ids.size)
     return m.result()
@@ -177,13 +218,15 @@ def run_gate(export_dir: Path, out: Path, src_manifest, quant: QuantizationOptio
     reference = onnx.load(str(export_dir / gfile), load_external_data=False)
     quantized = onnx.load(str(out / gfile), load_external_data=False)
     # the reference reads the export's weights; the quantized graph its passes directory's
+    chunk = g.chunk_for(quant.kv_cache)
     metrics = measure(reference, quantized, out, src_manifest.graphs["prefill"].inputs, windows, cal.batch,
-                      progress=progress, reference_dir=export_dir)
+                      progress=progress, chunk=chunk, states=src_manifest.state, reference_dir=export_dir)
     failed = failures(metrics, quant)
     report = {**metrics, "passed": not failed, "failures": failed,
               "thresholds": {"top1_min": g.top1_min, "ppl_ratio_max": g.ppl_ratio_max, "kl_mean_max": g.kl_mean_max},
               "measured_on": {"source": str(cal.source), "first_token": cal.tokens, "windows": int(windows.shape[0]),
-                              "seq_len": int(windows.shape[1]), "graph": gfile, "runtime": "onnxruntime CPU"},
+                              "seq_len": int(windows.shape[1]), "graph": gfile, "runtime": "onnxruntime CPU",
+                              "tokens_per_call": chunk or int(windows.shape[1])},
               "quantization": {"weights": quant.weights, "experts": quant.experts, "kv_cache": quant.kv_cache,
                                "fp8_granularity": quant.fp8_granularity, "ranges": cal.ranges}}
     (out / ACCURACY_FILE).write_text(json.dumps(report, indent=2) + "\n")
