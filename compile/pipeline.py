@@ -20,14 +20,17 @@ from pathlib import Path
 import onnx
 
 from qcn.artifact import (FORMAT, FORMAT_VERSION, STAGES, ArtifactError, CheckpointInfo, GenerationDefaults, GraphSpec,
-                          Manifest, ModelSpec, RuntimeSpec, StateSpec, TensorSpec, TokenizerSpec, from_onnx, hash_files,
-                          read_manifest, sha256_file, sha256_json, write_manifest)
+                          Manifest, ModelSpec, RuntimeSpec, SpeculativeSection, StateSpec, TensorSpec, TokenizerSpec,
+                          from_onnx, hash_files, read_manifest, sha256_file, sha256_json, write_manifest)
 
 from .artifacts import HashCache, atomic_dir, default_cache_path
 from .export.checkpoint import open_checkpoint
+from .export.fp8 import fp8_roles
 from .export.config import CheckpointError, ModelConfig, load_model_config
 from .export.modeling import rope_tables
-from .export.onnx_export import GRAPHS, export_graphs, state_layout
+from .export.mtp import check_mtp_tensors
+from .export.onnx_export import (GRAPHS, HIDDEN_OUTPUT, MTP_GRAPHS, export_graphs, mtp_state_layout, per_token_output,
+                                 state_layout)
 from .recipe import Recipe, RecipeError
 
 log = logging.getLogger(__name__)
@@ -104,8 +107,15 @@ def compile_recipe(recipe: Recipe, *, progress: bool = False, out: Path | None =
     problems, _ = checkpoint_problems(recipe)
     if problems:
         raise RecipeError(f"recipe {recipe.name!r} cannot be exported: " + "; ".join(problems))
-    if checkpoint.mtp_names:
-        log.info("checkpoint has %d MTP tensors (mtp.*); kept aside, not exported yet", len(checkpoint.mtp_names))
+    spec = recipe.runtime.speculative
+    if spec is not None:
+        missing = check_mtp_tensors(cfg, checkpoint.mtp_names)
+        if missing:
+            raise RecipeError(f"runtime.speculative: the checkpoint {ckpt_dir} has no complete MTP head (missing "
+                              f"{len(missing)} mtp.* tensors, e.g. {missing[:3]}); remove runtime.speculative")
+    elif checkpoint.mtp_names:
+        log.info("checkpoint has %d MTP tensors (mtp.*); not exported (recipe runtime.speculative is not set)",
+                 len(checkpoint.mtp_names))
     tokenizer, gen_config = tokenizer_section(ckpt_dir, cfg)
     rope = rope_tables(cfg)
     act = recipe.export.activation_dtype
@@ -116,13 +126,23 @@ def compile_recipe(recipe: Recipe, *, progress: bool = False, out: Path | None =
         written = tmp
         paths = export_graphs(cfg, checkpoint, rope, tmp, activation_dtype=act, logits=recipe.export.logits,
                               opset=recipe.export.opset, progress=progress,
-                              allow_nonfinite=recipe.export.allow_nonfinite)
+                              allow_nonfinite=recipe.export.allow_nonfinite,
+                              fp8_roles=fp8_roles(recipe.quantization.weights, recipe.quantization.experts),
+                              mtp=spec is not None)
         for f in tokenizer.files:
             shutil.copyfile(ckpt_dir / f, tmp / f)
         graphs = {}
-        for name in GRAPHS:
+        layout = state_layout(cfg, act)
+        speculative = None
+        if spec is not None:
+            speculative = SpeculativeSection(
+                method=spec.method, draft_tokens=spec.draft_tokens, hidden=HIDDEN_OUTPUT,
+                state=tuple(_state_spec(s) for s in mtp_state_layout(cfg, act)),
+                per_token={s.input: per_token_output(s) for s in layout if s.kind in ("conv_state", "recurrent_state")})
+        for name in GRAPHS + (MTP_GRAPHS if spec is not None else ()):
             proto = onnx.load(str(paths[name]), load_external_data=False)
-            graphs[name] = GraphSpec(file=paths[name].name, logits=recipe.export.logits,
+            logits = {"verify": "all", "mtp": "last"}.get(name, recipe.export.logits)
+            graphs[name] = GraphSpec(file=paths[name].name, logits=logits,
                                      inputs=_io(proto.graph.input), outputs=_io(proto.graph.output))
         recipe_dict = recipe.to_dict()
         manifest = Manifest(
@@ -142,8 +162,8 @@ def compile_recipe(recipe: Recipe, *, progress: bool = False, out: Path | None =
             runtime=RuntimeSpec(backend=recipe.runtime.backend, prefill_chunk=recipe.runtime.prefill_chunk,
                                 max_batch=recipe.runtime.max_batch),
             graphs=graphs,
-            state=tuple(StateSpec(layer=s.layer, kind=s.kind, input=s.input, output=s.output, shape=tuple(s.shape),
-                                  dtype=s.dtype) for s in state_layout(cfg, act)),
+            state=tuple(_state_spec(s) for s in layout),
+            speculative=speculative,
             files=hash_files(tmp, hasher=cache.sha256),
             inputs_sha256=inputs_sha256,
         )
@@ -153,6 +173,10 @@ def compile_recipe(recipe: Recipe, *, progress: bool = False, out: Path | None =
         cache.save()
     log.info("wrote %s", out)
     return out
+
+
+def _state_spec(s) -> StateSpec:
+    return StateSpec(layer=s.layer, kind=s.kind, input=s.input, output=s.output, shape=tuple(s.shape), dtype=s.dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -291,17 +315,37 @@ def passes_stage(recipe: Recipe, export_dir: Path, out: Path, inputs_sha256: str
         written = tmp
         section = run_passes(Path(export_dir), tmp, recipe.target_info.module, src, cache,
                              quant=recipe.quantization, progress=progress)
+        graphs, state = retyped_io(src, tmp)  # a pass may retype graph I/O (the FP8 KV cache)
         if recipe.quantization.active:  # inside atomic_dir: a failed gate leaves nothing behind
             from .passes.quant.accuracy import run_gate
 
             run_gate(Path(export_dir), tmp, src, recipe.quantization, progress=progress)
         write_manifest(tmp, dataclasses.replace(
-            src, stage="passes", passes=section, inputs_sha256=inputs_sha256,
+            src, stage="passes", passes=section, inputs_sha256=inputs_sha256, graphs=graphs, state=state,
             created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             files=files_section(tmp, cache)))
     cache.moved(written, out)
     log.info("wrote %s", out)
     return out
+
+
+def retyped_io(src: Manifest, out: Path) -> tuple[dict[str, GraphSpec], tuple[StateSpec, ...]]:
+    """The graphs' inputs/outputs and the state dtypes as the passes left them in ``out``: a pass
+    may retype graph I/O (the FP8 KV cache: past_key.i / new_key.i become float8_e4m3fn), and the
+    runtime allocates its buffers from the manifest. A state's dtype is its graph input's."""
+    graphs = {}
+    for name, g in src.graphs.items():
+        proto = onnx.load(str(Path(out) / g.file), load_external_data=False)
+        graphs[name] = dataclasses.replace(g, inputs=_io(proto.graph.input), outputs=_io(proto.graph.output))
+    first = next(iter(graphs.values()))
+    dtypes = {t.name: t.dtype for t in first.inputs}
+    for g in graphs.values():
+        for t in g.outputs:
+            s = next((s for s in src.state if s.output == t.name), None)
+            if s is not None and dtypes.get(s.input) != t.dtype:
+                raise RecipeError(f"passes left state {s.input!r} as {dtypes.get(s.input)} but graph {g.file} "
+                                  f"returns {t.name!r} as {t.dtype}")
+    return graphs, tuple(dataclasses.replace(s, dtype=dtypes.get(s.input, s.dtype)) for s in src.state)
 
 
 @dataclasses.dataclass

@@ -105,12 +105,34 @@ class ExportOptions:
     allow_nonfinite: bool = False  # export weights holding NaN/Inf (refused by default, naming the tensor)
 
 
+SPECULATIVE_METHODS = ("mtp",)
+
+
+@dataclass(frozen=True)
+class SpeculativeOptions:
+    """`runtime.speculative`: export the checkpoint's MTP head (mtp.onnx) and the verify graph
+    (docs/MTP.md); `draft_tokens` is the runtime's default N (0 = speculation off unless
+    `qcn-run --speculative N` asks for it)."""
+
+    method: str = "mtp"
+    draft_tokens: int = 1
+
+    def __post_init__(self):
+        if self.method not in SPECULATIVE_METHODS:
+            raise RecipeError(f"runtime.speculative.method: {self.method!r}; valid: {list(SPECULATIVE_METHODS)}")
+        n = self.draft_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 8:
+            raise RecipeError(f"runtime.speculative.draft_tokens: must be an integer in 0..8 (0 = off by default), "
+                              f"got {n!r}")
+
+
 @dataclass(frozen=True)
 class RuntimeOptions:
     backend: str = "onnxruntime"
     prefill_chunk: int = 64  # tokens per prefill call
     max_batch: int = 4  # sequences decoded together
     max_context: int = 4096  # prompt + generated tokens per sequence
+    speculative: SpeculativeOptions | None = None  # MTP speculative decoding (None: not exported)
 
 
 @dataclass(frozen=True)
@@ -247,6 +269,12 @@ def _section(cls, data: Any, where: str):
     return cls(**data)
 
 
+def _runtime_section(data: Any) -> RuntimeOptions:
+    if isinstance(data, dict) and data.get("speculative") is not None:
+        data = dict(data, speculative=_section(SpeculativeOptions, data["speculative"], "runtime.speculative"))
+    return _section(RuntimeOptions, data, "runtime")
+
+
 def _build_section(data: Any) -> BuildOptions:
     if isinstance(data, dict) and "compute_capabilities" in data:
         ccs = data["compute_capabilities"]
@@ -342,6 +370,10 @@ def validate(recipe: Recipe) -> Recipe:
     _number(recipe.runtime.prefill_chunk, "runtime.prefill_chunk", integer=True, minimum=1)
     _number(recipe.runtime.max_batch, "runtime.max_batch", integer=True, minimum=1)
     _number(recipe.runtime.max_context, "runtime.max_context", integer=True, minimum=2)
+    if recipe.runtime.speculative is not None and target.is_gpu:
+        raise RecipeError(f"runtime.speculative: MTP speculative decoding runs on the cpu target's onnxruntime "
+                          f"artifacts only; the {recipe.target} build stage does not build the verify and mtp "
+                          "engines yet (remove runtime.speculative, or use target: cpu)")
     g = recipe.generation
     if g.temperature is not None:
         _number(g.temperature, "generation.temperature", integer=False, minimum=0)
@@ -441,7 +473,7 @@ def recipe_from_dict(data: Any, source: Path | None = None) -> Recipe:
             output=user_path(data["output"]),
             target=data.get("target", "cpu"),
             export=_section(ExportOptions, data.get("export"), "export"),
-            runtime=_section(RuntimeOptions, data.get("runtime"), "runtime"),
+            runtime=_runtime_section(data.get("runtime")),
             generation=_section(GenerationOptions, data.get("generation"), "generation"),
             quantization=_quantization_section(data.get("quantization")),
             build=_build_section(data.get("build")),

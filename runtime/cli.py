@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from .errors import QcnError, TokenizerError
+from .errors import QcnError, RequestError, TokenizerError
 from .tokenizer import check_text
 
 __all__ = ["main", "build_parser"]
@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, metavar="S", help="random seed; the same seed and settings give the same text (default: random)")
     p.add_argument("--greedy", action="store_true", help="always pick the most likely token (same as --temperature 0)")
     p.add_argument("--stop", nargs="+", action="extend", default=[], metavar="S", help="stop when the text contains any of these strings (not printed); may be repeated")
+    p.add_argument("--speculative", type=int, default=None, metavar="N",
+                   help="MTP speculative decoding with drafts of N tokens (0 = off; the artifact needs its MTP head, "
+                        "recipe runtime.speculative); reports acceptance on stderr (default: the artifact's "
+                        "speculative.draft_tokens, 0 when it has none)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads per graph (default: one per physical core)")
     p.add_argument("--no-verify-hashes", action="store_true", help="skip the sha256 check of the artifact's files (faster start for large weights)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log progress to stderr (-vv for debug detail)")
@@ -56,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
 
         prompt = _read_stdin() if args.prompt == "-" else args.prompt
         check_text(prompt, "--prompt" if args.prompt != "-" else "the prompt on standard input")
-        gen = load(args.artifact, threads=args.threads, verify_hashes=not args.no_verify_hashes)
+        if args.speculative is not None and args.speculative < 0:
+            raise RequestError(f"--speculative {args.speculative}: must be an integer >= 0 (draft tokens; 0 = off)")
+        gen = load(args.artifact, threads=args.threads, verify_hashes=not args.no_verify_hashes,
+                   speculative=args.speculative)
         with gen:
             params = gen.params(
                 temperature=0.0 if args.greedy else args.temperature,
@@ -74,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             (result,) = gen.generate([prompt], params, on_token=on_token)
         sys.stdout.write("\n")
         sys.stdout.flush()
+        if result.speculative is not None:
+            print(f"qcn-run: {result.speculative.summary()}", file=sys.stderr)
         logging.getLogger("qcn.runtime.cli").info(
             "finish_reason=%s generated_tokens=%d", result.finish_reason, len(result.token_ids)
         )

@@ -41,6 +41,7 @@ class Result:
     token_ids: list[int]
     finish_reason: str  # "eos" | "stop" | "length"
     prompt_token_ids: list[int] = field(default_factory=list)
+    speculative: object | None = None  # SpeculativeStats of the generate() call, when it speculated
 
 
 class _Seq:
@@ -127,8 +128,9 @@ class _Seq:
         if len(self.token_ids) >= self.params.max_new_tokens:
             self._finish("length")
 
-    def result(self) -> Result:
-        return Result(text=self.text, token_ids=list(self.token_ids), finish_reason=self.finish_reason or "length", prompt_token_ids=list(self.prompt_ids))
+    def result(self, speculative=None) -> Result:
+        return Result(text=self.text, token_ids=list(self.token_ids), finish_reason=self.finish_reason or "length",
+                      prompt_token_ids=list(self.prompt_ids), speculative=speculative)
 
 
 def generate(
@@ -138,13 +140,22 @@ def generate(
     on_token: OnToken | None = None,
     *,
     tokenizer: Tokenizer | None = None,
+    speculative: int = 0,
 ) -> list[Result]:
     """Generate a continuation for every prompt (text, or a list of token ids).
 
     ``params``: one SamplingParams for all prompts, one per prompt, or None for the
     manifest's ``generation`` defaults. ``tokenizer`` defaults to ``session.tokenizer``; it is
-    needed for text prompts, text results and stop strings.
+    needed for text prompts, text results and stop strings. ``speculative`` N > 0: MTP
+    speculative decoding with drafts of N tokens (docs/MTP.md; the artifact needs its
+    ``speculative`` section): greedy output is the same, sampled output has the same
+    distribution; each Result's ``speculative`` holds the call's acceptance statistics.
     """
+    if isinstance(speculative, bool) or not isinstance(speculative, int) or speculative < 0:
+        raise RequestError(f"speculative must be an integer >= 0 (draft tokens; 0 = off), got {speculative!r}")
+    if speculative and session.manifest.speculative is None:
+        raise RequestError(f"speculative decoding needs an artifact compiled with runtime.speculative (an MTP head); "
+                           f"{session.manifest.artifact_dir} has none")
     tok = tokenizer if tokenizer is not None else session.tokenizer
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
         raise RequestError("prompts must be a list of strings or a list of token-id lists")
@@ -184,6 +195,19 @@ def generate(
         seqs.append(_Seq(i, ids, p, tok, eos, on_token))
 
     t0 = time.perf_counter()
+    if speculative:
+        from .speculative import run_speculative
+
+        try:
+            for s in seqs:
+                s.handle = session.allocate()
+            stats = run_speculative(session, seqs, speculative, session.drafter())
+        finally:
+            for s in seqs:
+                if s.handle is not None:
+                    session.release(s.handle)
+        log.info("generate: %d seqs in %.3fs; %s", n, time.perf_counter() - t0, stats.summary())
+        return [s.result(stats) for s in seqs]
     try:
         for s in seqs:
             s.handle = session.allocate()
@@ -218,18 +242,23 @@ def generate(
 class Generator:
     """Manifest + backend + tokenizer + session, ready to generate."""
 
-    def __init__(self, manifest: Manifest, backend, tokenizer: Tokenizer, *, max_batch: int | None = None, max_context: int | None = None):
+    def __init__(self, manifest: Manifest, backend, tokenizer: Tokenizer, *, max_batch: int | None = None,
+                 max_context: int | None = None, speculative: int | None = None):
         self.manifest = manifest
         self.backend = backend
         self.tokenizer = tokenizer
         self.session = Session(manifest, backend, tokenizer=tokenizer, max_batch=max_batch, max_context=max_context)
+        # draft tokens per cycle: the argument, else the manifest's default (recipe runtime.speculative)
+        self.speculative = default_draft_tokens(manifest) if speculative is None else speculative
 
     def params(self, **overrides) -> SamplingParams:
         """The manifest's sampling defaults with ``overrides`` (None values keep the default)."""
         return SamplingParams.from_manifest(self.manifest, **overrides)
 
-    def generate(self, prompts, params=None, on_token: OnToken | None = None) -> list[Result]:
-        return generate(self.session, prompts, params, on_token)
+    def generate(self, prompts, params=None, on_token: OnToken | None = None, *,
+                 speculative: int | None = None) -> list[Result]:
+        n = self.speculative if speculative is None else speculative
+        return generate(self.session, prompts, params, on_token, speculative=n)
 
     def close(self) -> None:
         self.session.close()
@@ -250,15 +279,31 @@ def load(
     backend: str | None = None,
     max_batch: int | None = None,
     max_context: int | None = None,
+    speculative: int | None = None,
     **backend_options,
 ) -> Generator:
-    """Open an artifact directory: manifest (+ sha256 check), backend, tokenizer, session."""
+    """Open an artifact directory: manifest (+ sha256 check), backend, tokenizer, session.
+    ``speculative``: default draft tokens of MTP speculative decoding (None: the manifest's
+    ``speculative.draft_tokens``, 0 where it has none; 0 = off); the verify and mtp graphs are
+    loaded when the artifact has them."""
     from .backends import create_backend
 
     t0 = time.perf_counter()
     manifest = load_manifest(artifact_dir, verify_hashes=verify_hashes)
+    if speculative is not None and (isinstance(speculative, bool) or not isinstance(speculative, int) or speculative < 0):
+        raise RequestError(f"speculative must be an integer >= 0 (draft tokens; 0 = off), got {speculative!r}")
+    if speculative and manifest.speculative is None:
+        raise RequestError(f"{manifest.artifact_dir}: speculative decoding needs an artifact compiled with "
+                           "runtime.speculative in its recipe (it exports the MTP head); this one has none")
     manifest.verify_files()
+    if manifest.speculative is not None and "graphs" not in backend_options:
+        backend_options["graphs"] = tuple(manifest.graphs)  # prefill, decode, verify, mtp
     be = create_backend(manifest, manifest.artifact_dir, backend=backend, threads=threads, **backend_options)
     tok = Tokenizer.from_manifest(manifest)
     log.info("loaded %s (%s backend) in %.2fs", manifest.artifact_dir, backend or manifest.runtime.backend, time.perf_counter() - t0)
-    return Generator(manifest, be, tok, max_batch=max_batch, max_context=max_context)
+    return Generator(manifest, be, tok, max_batch=max_batch, max_context=max_context, speculative=speculative)
+
+
+def default_draft_tokens(manifest: Manifest) -> int:
+    """The artifact's default draft tokens (recipe runtime.speculative.draft_tokens; 0 = off)."""
+    return manifest.speculative.draft_tokens if manifest.speculative is not None else 0

@@ -28,6 +28,7 @@ __all__ = [
     "SamplingParams",
     "Sampler",
     "candidate_mask",
+    "distribution",
     "filter_logits",
     "sample_token",
     "params_per_sequence",
@@ -148,6 +149,20 @@ def filter_logits(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
         return out
     mask = candidate_mask(x, params.temperature, params.top_k, params.top_p)
     return np.where(mask, x / params.temperature, -np.inf)
+
+
+def distribution(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """The probabilities [V] (float64) ``sample_token`` draws from: after temperature, top-k and
+    top-p, renormalised; greedy is one-hot at the argmax. Speculative rejection sampling
+    compares the target's and the draft head's (qcn.runtime.speculative)."""
+    x = _check_row(logits)
+    out = np.zeros(x.size)
+    if params.greedy:
+        out[int(np.argmax(x))] = 1.0
+        return out
+    order, probs = _kept_sorted(x, params.temperature, params.top_k, params.top_p)
+    out[order] = probs
+    return out
 
 
 def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator | None) -> int:

@@ -64,6 +64,7 @@ class Session:
         self._layout_key = state_layout(manifest)
         self._past_len = np.zeros(self.max_batch, dtype=np.int64)
         self._owner: list[int | None] = [None] * self.max_batch
+        self._drafter = None  # the MTP head's caches (qcn.runtime.speculative), made on first use
 
     @staticmethod
     def _limit(name: str, value: int | None, manifest_value: int) -> int:
@@ -178,6 +179,63 @@ class Session:
             raise ContextLengthError(f"slot(s) {full} are at max_context {self.max_context}; cannot decode further")
         return self._step("decode", slots, toks[:, None])
 
+    # -- speculative decoding (docs/MTP.md; qcn.runtime.speculative drives these) ---------------
+    def _speculative(self):
+        spec = self.manifest.speculative
+        if spec is None:
+            raise SlotError("this artifact has no MTP head (compile it with runtime.speculative in the recipe)")
+        return spec
+
+    def prefill_hidden(self, handle: SeqHandle, token_ids: Sequence[int]):
+        """``prefill`` that yields, chunk by chunk, (last token's logits [V], the chunk's
+        post-norm hidden states [chunk, H]) for the MTP head; the state advances as in prefill."""
+        spec = self._speculative()
+        slot = self._check(handle)
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise ContextLengthError("prefill needs at least one token")
+        self._check_ids(ids)
+        start = int(self._past_len[slot])
+        if start + ids.size > self.max_context:
+            raise ContextLengthError(
+                f"slot {slot}: {start} cached + {ids.size} new tokens = {start + ids.size} exceeds max_context {self.max_context}"
+            )
+        for c0 in range(0, ids.size, self.prefill_chunk):
+            chunk = ids[c0 : c0 + self.prefill_chunk][None, :]
+            past_len = self._past_len[[slot]].copy()
+            logits, out = self.store.step_with("prefill", [slot], chunk, past_len, outputs=(spec.hidden,))
+            self._past_len[slot] = past_len[0] + chunk.shape[1]
+            yield self._layout.last_logits("prefill", logits)[0], out[spec.hidden][0]
+
+    def verify(self, handles: Sequence[SeqHandle], tokens: np.ndarray):
+        """Score ``tokens`` [B, T] (each sequence's last token + T-1 drafts) with the verify graph
+        in one call, without advancing: returns (logits [B, T, V], hidden [B, T, H], per-token
+        carried states {state input: [B, T, *shape]}). Follow with :meth:`commit`."""
+        spec = self._speculative()
+        slots = [self._check(h) for h in handles]
+        if len(set(slots)) != len(slots):
+            raise SlotError(f"the same sequence twice in one verify call: slots {slots}")
+        toks = np.asarray(tokens, dtype=np.int64)
+        if toks.ndim != 2 or toks.shape[0] != len(slots):
+            raise SlotError(f"verify takes [sequences, tokens] token ids, got shape {toks.shape} for {len(slots)} sequences")
+        self._check_ids(toks.reshape(-1))
+        full = [s for s in slots if self._past_len[s] + toks.shape[1] > self.max_context]
+        if full:
+            raise ContextLengthError(f"slot(s) {full}: {toks.shape[1]} verify tokens exceed max_context {self.max_context}")
+        outputs = (spec.hidden, *spec.per_token.values())
+        logits, out = self.store.step_with("verify", slots, toks, self._past_len[slots].copy(), outputs=outputs)
+        per_token = {name: out[o] for name, o in spec.per_token.items()}
+        return logits, out[spec.hidden], per_token
+
+    def commit(self, handle: SeqHandle, per_token: dict, index: int) -> None:
+        """Keep tokens ``0..index`` of the last :meth:`verify` call of this sequence: its carried
+        states become the verify graph's states after token ``index`` (``per_token`` rows
+        ``{state input: [T, *shape]}``) and past_len advances by ``index + 1``; the K/V the call
+        wrote past that is ignored (positions >= past_len) and overwritten later."""
+        slot = self._check(handle)
+        self.store.set_carried(slot, {name: a[index] for name, a in per_token.items()})
+        self._past_len[slot] += index + 1
+
     def _check_ids(self, ids: np.ndarray) -> None:
         bad = ids[(ids < 0) | (ids >= self.vocab_size)]
         if bad.size:
@@ -191,6 +249,16 @@ class Session:
         self._past_len[slots] = past_len + input_ids.shape[1]
         return logits
 
+    def drafter(self):
+        """The MTP draft head's state over this session's slots (speculative decoding)."""
+        if self._drafter is None:
+            from .speculative import MtpDrafter
+
+            self._drafter = MtpDrafter(self)
+        return self._drafter
+
     def close(self) -> None:
         """Free the state store's buffers (the backend stays open)."""
+        if self._drafter is not None:
+            self._drafter.close()
         self.store.close()

@@ -14,6 +14,12 @@ Session owns which slot belongs to which sequence and each slot's ``past_len``, 
 - ``read(slot, past_len) -> {state input name: host array}``: copies of the slot's carried
   states ``[*shape]`` and KV prefix ``[KVH, past_len, D]``; ``write(slot, arrays)`` puts such
   copies back (what :meth:`Session.snapshot` / :meth:`Session.restore` use).
+- speculative decoding (docs/MTP.md): ``step_with(graph, slots, input_ids, past_len, inputs,
+  outputs) -> (logits as the graph gives them, {output: [B, ...]})`` feeds extra inputs and
+  returns extra outputs (a graph without ``present.*`` outputs, the verify graph, leaves the
+  carried states unchanged), and ``set_carried(slot, {input name: [*shape]})`` replaces carried
+  states (the verify graph's state after the last accepted token). A store made with
+  ``manifest=`` a view whose ``state`` is the mtp graph's caches holds the draft head's KV.
 
 :class:`HostStateStore` is the plain implementation over ``backend.run(graph, feeds)``: numpy
 buffers ``[slots, KVH, max_context, D]`` whose ``[:past]`` window is copied into every call's
@@ -36,10 +42,14 @@ from .manifest import Manifest, StateSpec, numpy_dtype
 __all__ = ["StateStore", "StateSnapshot", "HostStateStore", "state_layout", "contiguous_runs", "host_dtype"]
 
 
+_RAW = {"bfloat16": np.uint16, "float8_e4m3fn": np.uint8}  # dtypes numpy lacks -> their bit patterns
+
+
 def host_dtype(name: str, where: str = "dtype") -> np.dtype:
     """The numpy dtype a state of manifest dtype ``name`` has on the host (in snapshots):
-    bfloat16, which numpy lacks, travels as its raw 16-bit patterns (uint16)."""
-    return np.dtype(np.uint16) if name == "bfloat16" else numpy_dtype(name, where)
+    bfloat16 and float8_e4m3fn (an FP8 KV cache), which numpy lacks, travel as their raw bit
+    patterns (uint16, uint8)."""
+    return np.dtype(_RAW[name]) if name in _RAW else numpy_dtype(name, where)
 
 
 @runtime_checkable
@@ -56,6 +66,11 @@ class StateStore(Protocol):
     def read(self, slot: int, past_len: int) -> dict[str, np.ndarray]: ...
 
     def write(self, slot: int, arrays: Mapping[str, np.ndarray]) -> None: ...
+
+    def step_with(self, graph: str, slots: Sequence[int], input_ids: np.ndarray, past_len: np.ndarray,
+                  inputs: Mapping[str, np.ndarray] | None = None, outputs: Sequence[str] = ()): ...
+
+    def set_carried(self, slot: int, arrays: Mapping[str, np.ndarray]) -> None: ...
 
     def close(self) -> None: ...
 
@@ -141,11 +156,11 @@ class HostStateStore:
     least 1), i.e. O(context) per step.
     """
 
-    def __init__(self, backend, *, slots: int, max_context: int):
+    def __init__(self, backend, *, slots: int, max_context: int, manifest=None):
         self.backend = backend
         self.slots = slots
         self.max_context = max_context
-        self._l = lay = _Layout(backend.manifest)
+        self._l = lay = _Layout(manifest if manifest is not None else backend.manifest)
         self._carried = {s.input: np.zeros((slots, *s.shape), dtype=lay.dtype[s.input]) for s in lay.carried}
         self._cache = {}
         for s in lay.cache:
@@ -159,18 +174,23 @@ class HostStateStore:
             buf[slot] = 0
 
     def step(self, graph, slots, input_ids, past_len):
+        logits, _ = self.step_with(graph, slots, input_ids, past_len)
+        return self._l.last_logits(graph, logits)
+
+    def step_with(self, graph, slots, input_ids, past_len, inputs=None, outputs=()):
         b, t = input_ids.shape
         sel = np.asarray(slots)
         past = max(1, int(np.max(past_len)))
         feeds = {"input_ids": input_ids.astype(self._ids[graph], copy=False),
-                 "past_len": np.asarray(past_len).astype(self._lens[graph], copy=False)}
+                 "past_len": np.asarray(past_len).astype(self._lens[graph], copy=False), **(inputs or {})}
         for name, buf in self._carried.items():
             feeds[name] = np.ascontiguousarray(buf[sel])
         for name, buf in self._cache.items():
             feeds[name] = np.ascontiguousarray(buf[sel, :, :past])
         out = self.backend.run(graph, feeds)
         for s in self._l.carried:
-            self._carried[s.input][sel] = out[s.output]
+            if s.output in out:  # the verify graph returns per-token states instead
+                self._carried[s.input][sel] = out[s.output]
         for s in self._l.cache:
             new = out[s.output]
             self._l.check_new_kv(graph, s, new, b, t)
@@ -178,7 +198,11 @@ class HostStateStore:
             for j, slot in enumerate(slots):
                 p = int(past_len[j])
                 buf[slot, :, p : p + t] = new[j]
-        return self._l.last_logits(graph, out["logits"])
+        return np.asarray(out["logits"], dtype=np.float32), {name: out[name] for name in outputs}
+
+    def set_carried(self, slot, arrays):
+        for name, a in arrays.items():
+            self._carried[name][slot] = a
 
     def read(self, slot, past_len):
         arrays = {name: buf[slot].copy() for name, buf in self._carried.items()}

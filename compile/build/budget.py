@@ -126,7 +126,8 @@ def compute_budget(recipe: Recipe, cfg: ModelConfig, target: Target | None = Non
 
 def fixes(recipe: Recipe, cfg: ModelConfig) -> list[str]:
     """Ways to make a recipe that does not fit fit, cheapest first: fewer slots or a shorter
-    context (free), INT4 experts (some accuracy), more GPUs (money; qcn builds for one GPU today)."""
+    context (free), an FP8 KV cache (little accuracy), INT4 experts (some accuracy), more GPUs
+    (money; qcn builds for one GPU today)."""
     out: list[str] = []
     rt = recipe.runtime
 
@@ -146,6 +147,10 @@ def fixes(recipe: Recipe, cfg: ModelConfig) -> list[str]:
         ctx = lo // 1024 * 1024 or lo
         out.append(f"shorter context: runtime.max_context: {ctx} (keeps max_batch {rt.max_batch})")
     q = recipe.quantization
+    if q.kv_cache != "fp8" and "fp8" in recipe.target_info.precisions:
+        r = replace(recipe, quantization=replace(q, kv_cache="fp8"))
+        if compute_budget(r, cfg).fits:
+            out.append("FP8 KV cache: quantization.kv_cache: fp8 (half of a 16-bit cache; calibrated, gated)")
     if q.experts not in ("int4", "fp4") and "int4" in recipe.target_info.precisions:
         r = replace(recipe, quantization=replace(q, experts="int4"))
         if compute_budget(r, cfg).fits:

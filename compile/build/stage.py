@@ -5,7 +5,8 @@ Output directory (written atomically; the runtime loads it by its manifest):
                      graphs.*.file -> the engine, and a "build" section (see docs/BUILD.md)
   model.engine       one engine for both graphs (weights stored once), built from prefill.onnx
   model.timing_cache full TensorRT only: reused by the next build of this recipe
-  tokenizer files, passes_report.json (what the passes stage lowered, docs/PASSES.md)
+  tokenizer files, passes_report.json (what the passes stage lowered, docs/PASSES.md),
+  accuracy.json (quantized recipes: the accuracy gate's report), engine_layers.json (the engine's layers)
 The RTX runtime cache (`model.runtime_cache`) is JIT state made on the GPU: the runtime
 backend writes it beside the engine on first use; the build only names it.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import logging
 import shutil
 import tempfile
@@ -25,6 +27,7 @@ from qcn.artifact import (ArtifactError, BuildSection, GraphSpec, Manifest, Netw
 
 from ..artifacts import atomic_dir
 from ..recipe import Recipe, RecipeError
+from . import layers as layersb
 from . import trt as trtb
 
 log = logging.getLogger(__name__)
@@ -32,6 +35,9 @@ log = logging.getLogger(__name__)
 ENGINE = "model.engine"
 TIMING_CACHE = "model.timing_cache"
 RUNTIME_CACHE = "model.runtime_cache"
+LAYERS = "engine_layers.json"  # the builder's layer report, parsed (compile/build/layers.py)
+# reports of the passes stage the built artifact carries too: the accuracy gate's (compile/passes/quant/accuracy.py)
+PASSES_REPORTS = ("accuracy.json",)
 SOURCE_GRAPH = "prefill"  # T dynamic: serves decode (T = 1) as well
 
 
@@ -65,8 +71,9 @@ def load_onnx_dir(onnx_dir: Path, recipe: Recipe) -> Manifest:
         p = Path(onnx_dir) / rel
         if not p.is_file():
             raise OnnxMismatchError(f"{p}: missing (listed in {mpath}); re-run the passes stage")
-        if rel in (graph, "weights.bin") and sha256_file(p) != digest:
-            raise OnnxMismatchError(f"{p}: sha256 differs from {mpath}; the ONNX was modified, re-run the passes stage")
+        if (rel == graph or (rel.startswith("weights") and rel.endswith(".bin"))) and sha256_file(p) != digest:
+            raise OnnxMismatchError(f"{p}: sha256 differs from {mpath}; the ONNX or its weights were modified, "
+                                    "re-run the passes stage")
     recipe_had = m.recipe or {}
     want, have = export_identity(recipe.to_dict()), export_identity(to_json(recipe_had))
     if want != have:
@@ -88,6 +95,17 @@ def check_io(network_io: dict, graph_spec: GraphSpec, where: str) -> None:
             if len(net[name]["shape"]) != len(t.shape):
                 raise trtb.BuildError(f"{where}: {name!r} has rank {len(net[name]['shape'])} in the network, "
                                       f"{len(t.shape)} in the manifest")
+
+
+def known_failure_hint(recipe: Recipe, error: str) -> str:
+    """A measured TensorRT-RTX limitation behind ``error``, with the recipe change that avoids it
+    (docs/BUILD.md, "Quantized graphs on TensorRT-RTX"); "" when none is known."""
+    q = recipe.quantization
+    if (recipe.target_info.module == "tensorrt_rtx" and "CHECK(is_constant())" in error
+            and q.weights == "fp8" and q.fp8_granularity == "block128"):
+        return ("\n  known TensorRT-RTX 1.7.1 limitation: FP8 1x128 block scales on a MatMul with a rank-3 activation "
+                "crash Myelin (docs/BUILD.md); use quantization.fp8_granularity: channel")
+    return ""
 
 
 def build_stage(recipe: Recipe, onnx_dir: Path, out: Path, *, module_version: str | None = None,
@@ -125,7 +143,10 @@ def build_stage(recipe: Recipe, onnx_dir: Path, out: Path, *, module_version: st
 
     with tempfile.TemporaryDirectory(prefix="qcn-build-") as scratch:
         new_cache = Path(scratch) / TIMING_CACHE if target.module == "tensorrt" else None
-        engine, seconds = trtb.engine_bytes(trt, network_and_check, config, save_timing_cache=new_cache)
+        try:
+            engine, seconds, report = trtb.engine_bytes(trt, network_and_check, config, save_timing_cache=new_cache)
+        except trtb.BuildError as e:
+            raise trtb.BuildError(f"{e}{known_failure_hint(recipe, str(e))}") from e
         cache = new_cache.read_bytes() if new_cache is not None and new_cache.is_file() else None
     header = parse_header(engine)
     version = module_version or trt.__version__
@@ -135,15 +156,22 @@ def build_stage(recipe: Recipe, onnx_dir: Path, out: Path, *, module_version: st
         if not version.startswith(header.version):
             raise trtb.BuildError(f"engine header says TensorRT-RTX {header.version}, the module is {version}")
     log.info("built %s for %s in %.1fs (%.1f MB)", ENGINE, recipe.target, seconds, len(engine) / 1e6)
+    layers = layersb.parse_layer_report(report) if report is not None else None
+    if layers is None:
+        log.warning("%s logged no layer report: the engine's layers and GEMM precisions are not recorded", trt.__name__)
+    else:
+        log.info("engine layers: %s", layersb.summary(layers))
 
     with atomic_dir(out, force=force, protect=[recipe.checkpoint]) as tmp:
         (tmp / ENGINE).write_bytes(engine)
         if cache:
             (tmp / TIMING_CACHE).write_bytes(cache)
-        for f in src.tokenizer.files + ((src.passes.report,) if src.passes.report else ()):
-            shutil.copyfile(Path(onnx_dir) / f, tmp / f)  # tokenizer; the passes report (what was lowered)
-        if (Path(onnx_dir) / "accuracy.json").is_file():  # a quantized compile's accuracy gate report
-            shutil.copyfile(Path(onnx_dir) / "accuracy.json", tmp / "accuracy.json")
+        if layers is not None:
+            (tmp / LAYERS).write_text(json.dumps({"source": f"{trt.__name__} {version} builder layer report",
+                                                  "layers": layers}, indent=1))
+        reports = ((src.passes.report,) if src.passes.report else ()) + tuple(f for f in PASSES_REPORTS if f in src.files)
+        for f in src.tokenizer.files + reports:
+            shutil.copyfile(Path(onnx_dir) / f, tmp / f)  # tokenizer; the passes' reports (what was lowered, accuracy)
         recipe_dict = recipe.to_dict()
         build = BuildSection(
             target=target.name, module=target.module, module_version=version,
@@ -158,7 +186,7 @@ def build_stage(recipe: Recipe, onnx_dir: Path, out: Path, *, module_version: st
                            for i, p in enumerate(profiles)),
             graph_profile={g: i for i, p in enumerate(profiles) for g in p.graphs},
             # read from the parsed network the engine was built from: no engine can be
-            # deserialized without a GPU (FINDINGS.md)
+            # deserialized without a GPU (docs/FINDINGS.md)
             io=from_json(NetworkIO, io_box["io"], "network io"), io_source="network",
             # tensorrt_rtx: none, qcn ops are inlined from their ONNX function bodies
             plugins=tuple(plugins),
@@ -168,6 +196,7 @@ def build_stage(recipe: Recipe, onnx_dir: Path, out: Path, *, module_version: st
             runtime_cache=RUNTIME_CACHE if target.module == "tensorrt_rtx" else None,
             build_seconds=round(seconds, 2),
             budget=budget,
+            layers=dict(layersb.summary(layers), file=LAYERS) if layers is not None else None,
         )
         manifest = dataclasses.replace(
             src, stage="build",

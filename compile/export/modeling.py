@@ -9,7 +9,10 @@ of tokens and sequences. Graph I/O follows docs/CONTRACT.md:
 `states` holds, layer by layer, (conv_state [B, C, K-1], recurrent_state [B, Hv, Dk, Dv] fp32)
 for linear-attention layers and (past_key, past_value [B, KVH, P, D]) for attention layers.
 The outputs are logits ([B, V] for `logits="last"`, [B, T, V] for "all"), then per layer the
-new carried states, or the new tokens' keys/values [B, KVH, T, D].
+new carried states, or the new tokens' keys/values [B, KVH, T, D]; with `hidden=True` (an
+artifact with an MTP head, docs/MTP.md) last the final-norm hidden state of every token
+[B, T, H]. `verify=True` is the speculative verify graph: the linear layers return their states
+after every token ([B, T, C, K-1], [B, T, Hv, Dk, Dv]) instead of after the last.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from torch import nn
 from qcn.artifact import LOGITS_MODES
 
 from ..plugins.attention.op import cached_attention
-from ..plugins.gated_deltanet.op import gated_deltanet
+from ..plugins.gated_deltanet.op import gated_deltanet, gated_deltanet_verify
 from ..plugins.moe.op import moe
 from .config import SUPPORTED_ROPE_TYPES, CheckpointError, ModelConfig
 from .weights import WeightSpec, weight_specs
@@ -91,14 +94,14 @@ class Layer(nn.Module):
                 self.register_parameter(s.name[len(prefix):],
                                         nn.Parameter(torch.empty(s.shape, dtype=dtype, device=device), requires_grad=False))
 
-    def mixer_linear(self, h, conv_state, recurrent_state):
+    def mixer_linear(self, h, conv_state, recurrent_state, verify: bool = False):
         cfg = self.cfg
         B, T, _ = h.shape
         qkvz = h @ self.in_proj_qkvz
         qkv, z = torch.split(qkvz, [cfg.conv_dim, cfg.value_dim], dim=-1)
         z = z.reshape(B, T, cfg.linear_num_value_heads, cfg.linear_value_head_dim)
         b, a = torch.split(h @ self.in_proj_ba, [cfg.linear_num_value_heads] * 2, dim=-1)
-        y, conv_state, recurrent_state = gated_deltanet(
+        y, conv_state, recurrent_state = (gated_deltanet_verify if verify else gated_deltanet)(
             qkv, z, b, a, self.conv_weight, self.A_log, self.dt_bias, self.gdn_norm, conv_state, recurrent_state,
             cfg.linear_num_key_heads, cfg.rms_norm_eps)
         return y @ self.out_proj, conv_state, recurrent_state
@@ -132,11 +135,11 @@ class Layer(nn.Module):
         gate, up = torch.split(h @ self.mlp_gate_up, [cfg.intermediate_size] * 2, dim=-1)
         return (F.silu(gate) * up) @ self.mlp_down
 
-    def forward(self, h, state_a, state_b, past_len, cos, sin):
+    def forward(self, h, state_a, state_b, past_len, cos, sin, verify: bool = False):
         eps = self.cfg.rms_norm_eps
         x = _rms(h, self.input_norm, eps)
         if self.kind == "linear_attention":
-            x, new_a, new_b = self.mixer_linear(x, state_a, state_b)
+            x, new_a, new_b = self.mixer_linear(x, state_a, state_b, verify)
         else:
             x, new_a, new_b = self.mixer_attention(x, state_a, state_b, past_len, cos, sin)
         h = h + x
@@ -149,11 +152,13 @@ class QcnModel(nn.Module):
     the real weights into the ONNX external data file afterwards)."""
 
     def __init__(self, cfg: ModelConfig, rope: RopeTables, act_dtype: torch.dtype = torch.float32,
-                 logits: str = "last", device: str | torch.device = "meta"):
+                 logits: str = "last", device: str | torch.device = "meta", *, hidden: bool = False,
+                 verify: bool = False):
         super().__init__()
         if logits not in LOGITS_MODES:
             raise ValueError(f"logits mode {logits!r}; valid: {LOGITS_MODES}")
         self.cfg, self.act_dtype, self.logits_mode = cfg, act_dtype, logits
+        self.hidden, self.verify = hidden, verify
         self.specs = weight_specs(cfg)
         self.rope_scaling = rope.attention_scaling
         by_name = {s.name: s for s in self.specs}
@@ -178,16 +183,24 @@ class QcnModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, past_len: torch.Tensor, states: list[torch.Tensor]):
         B, T = input_ids.shape
         h = F.embedding(input_ids, self.embed_tokens)
-        pos = past_len[:, None] + torch.arange(T, device=input_ids.device, dtype=torch.int64)[None, :]
-        freqs = pos[..., None].float() * self.rope_inv_freq  # [B, T, rd/2]
-        emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
-        cos = (emb.cos() * self.rope_scaling).to(self.act_dtype)
-        sin = (emb.sin() * self.rope_scaling).to(self.act_dtype)
+        cos, sin = rope_cos_sin(past_len, T, self.rope_inv_freq, self.rope_scaling, self.act_dtype)
         new_states = []
         for i, layer in enumerate(self.layers):
-            h, a, b = layer(h, states[2 * i], states[2 * i + 1], past_len, cos, sin)
+            h, a, b = layer(h, states[2 * i], states[2 * i + 1], past_len, cos, sin, self.verify)
             new_states += [a, b]
+        if self.hidden:  # the MTP head reads every token's post-norm hidden state (docs/MTP.md)
+            hn = _rms(h, self.final_norm, self.cfg.rms_norm_eps)
+            logits = ((hn[:, -1] if self.logits_mode == "last" else hn) @ self.lm_head).float()
+            return (logits, *new_states, hn)
         if self.logits_mode == "last":
             h = h[:, -1]
         logits = (_rms(h, self.final_norm, self.cfg.rms_norm_eps) @ self.lm_head).float()
         return (logits, *new_states)
+
+
+def rope_cos_sin(past_len: torch.Tensor, T: int, inv_freq: torch.Tensor, scaling: float, act_dtype: torch.dtype):
+    """cos/sin [B, T, 1, rotary_dim] for positions past_len[b] + t."""
+    pos = past_len[:, None] + torch.arange(T, device=past_len.device, dtype=torch.int64)[None, :]
+    freqs = pos[..., None].float() * inv_freq  # [B, T, rd/2]
+    emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
+    return (emb.cos() * scaling).to(act_dtype), (emb.sin() * scaling).to(act_dtype)

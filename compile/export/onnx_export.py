@@ -19,10 +19,13 @@ import onnx
 import onnx_ir as ir
 import torch
 
+from ..plugins.gated_deltanet.op import VERIFY_OP
 from ..plugins.onnx_function import DOMAIN, DOMAIN_VERSION
 from ..plugins.registry import OPS
 from .config import ModelConfig
+from .fp8 import emit_fp8, emit_fp8_moe, initializer_names, kept_fp8
 from .modeling import QcnModel, RopeTables
+from .mtp import MTP_INPUTS, MTP_OUTPUTS, MtpModel
 from .weights_file import WeightsWriter
 
 log = logging.getLogger(__name__)
@@ -33,9 +36,17 @@ logging.getLogger("torch.onnx._internal.exporter._registration").addFilter(
     lambda record: not record.getMessage().startswith("torchvision is not installed")
 )
 
-QCN_OPS = tuple(e.export for e in OPS)  # the op registry's rows (plugins/registry.py)
+# the op registry's rows (plugins/registry.py), and the GatedDeltaNet verify form (no plugin of its own)
+QCN_OPS = tuple(e.export for e in OPS) + (VERIFY_OP,)
 WEIGHTS_FILE = "weights.bin"
 GRAPHS = ("prefill", "decode")
+MTP_GRAPHS = ("verify", "mtp")  # exported when the checkpoint has an MTP head (docs/MTP.md)
+HIDDEN_OUTPUT = "hidden"  # prefill/decode/verify: [batch, tokens, H] after the final norm, the MTP head's input
+
+
+def per_token_output(s: "StateTensor") -> str:
+    """The verify graph's output holding carried state `s` after every token."""
+    return "per_token." + s.output[len("present."):]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -88,13 +99,25 @@ class InitializerSource:
     """Streams the graphs' initializers into weights.bin (a `WeightsWriter`), each written once:
     checkpoint weights chunk by chunk from the weight map, constants (RoPE tables) as they are."""
 
-    def __init__(self, writer: WeightsWriter, model: QcnModel, checkpoint, rope: RopeTables, progress: bool = False):
+    def __init__(self, writer: WeightsWriter, model: QcnModel, checkpoint, rope: RopeTables, progress: bool = False,
+                 fp8: dict | None = None):
         self.writer, self.model, self.checkpoint = writer, model, checkpoint
         self.specs = {s.name: s for s in model.specs}
+        self.fp8 = initializer_names(fp8 or {})  # FP8 weights kept as the checkpoint stores them (fp8.py)
         self.constants = model.constant_tensors(rope)
         self.progress = progress
 
     def _write(self, name: str, shape: list[int]):
+        if name in self.fp8:
+            spec, part = self.fp8[name]
+            if part == "weight":
+                return self.writer.write(name, spec.fp8_chunks(self.checkpoint))
+            scale = spec.fp8_scale(self.checkpoint)
+            if spec.fp8 != "projection":  # qcn::MoE's scale inputs have the activation dtype (contract 3)
+                scale = scale.to(self.model.act_dtype)
+            if list(scale.shape) != shape:
+                raise ValueError(f"initializer {name}: graph expects {shape}, the weight map gives {list(scale.shape)}")
+            return self.writer.write(name, scale)
         if name in self.specs:
             spec = self.specs[name]
             if list(spec.shape) != shape:
@@ -112,20 +135,51 @@ class InitializerSource:
 
         items = list(model.graph.initializers.items())
         for name, value in tqdm(items, desc="weights", unit="tensor", disable=not self.progress or not items):
-            loc = self.writer.locations.get(name) or self._write(name, [d for d in value.shape])
-            value.const_value = loc.ir_tensor(value, base_dir=out_dir)
+            self.attach_value(value, out_dir)
+
+    def attach_value(self, value: ir.Value, out_dir: Path) -> None:
+        """Point one initializer `value` at its bytes in weights.bin (writing them the first time)."""
+        loc = self.writer.locations.get(value.name) or self._write(value.name, [d for d in value.shape])
+        value.const_value = loc.ir_tensor(value, base_dir=out_dir)
 
 
 def _trace(model: QcnModel, layout, dynamic_tokens: bool, opset: int) -> ir.Model:
     act = model.act_dtype
     args = _example_inputs(model.cfg, layout, 3 if dynamic_tokens else 1, act)
     input_names = ["input_ids", "past_len"] + [s.input for s in layout]
-    output_names = ["logits"] + [s.output for s in layout]
+    output_names = ["logits"] + [per_token_output(s) if model.verify and s.kind in ("conv_state", "recurrent_state")
+                                 else s.output for s in layout]
+    if model.hidden:
+        output_names.append(HIDDEN_OUTPUT)
+    return _export(model, args, input_names, output_names, _dynamic_shapes(layout, dynamic_tokens), opset)
+
+
+def mtp_state_layout(cfg: ModelConfig, act_dtype: str) -> list[StateTensor]:
+    """The MTP graph's own KV cache (layer index = num_hidden_layers, after the main layers)."""
+    shape = (cfg.num_key_value_heads, "max_context", cfg.head_dim)
+    L = cfg.num_hidden_layers
+    return [StateTensor(L, "key", MTP_INPUTS[4], MTP_OUTPUTS[2], shape, act_dtype),
+            StateTensor(L, "value", MTP_INPUTS[5], MTP_OUTPUTS[3], shape, act_dtype)]
+
+
+def _trace_mtp(model: MtpModel, opset: int) -> ir.Model:
+    cfg, act = model.cfg, model.act_dtype
+    B, T, P = 2, 3, 5
+    kv = (B, cfg.num_key_value_heads, P, cfg.head_dim)
+    args = (torch.zeros(B, T, dtype=torch.int64, device="meta"), torch.zeros(B, T, cfg.hidden_size, dtype=act, device="meta"),
+            torch.zeros(B, dtype=torch.int64, device="meta"), torch.zeros(B, dtype=torch.int64, device="meta"),
+            torch.zeros(kv, dtype=act, device="meta"), torch.zeros(kv, dtype=act, device="meta"))
+    batch, tokens, past = torch.export.Dim("batch"), torch.export.Dim("tokens"), torch.export.Dim("past")
+    dyn = ({0: batch, 1: tokens}, {0: batch, 1: tokens}, {0: batch}, {0: batch}, {0: batch, 2: past}, {0: batch, 2: past})
+    return _export(model, args, list(MTP_INPUTS), list(MTP_OUTPUTS), dyn, opset)
+
+
+def _export(model, args, input_names, output_names, dynamic_shapes, opset: int) -> ir.Model:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             model, args, dynamo=True, optimize=False, opset_version=opset, verbose=False,
-            dynamic_shapes=_dynamic_shapes(layout, dynamic_tokens),
+            dynamic_shapes=dynamic_shapes,
             custom_translation_table={op.torch_op: op.translation for op in QCN_OPS},
             input_names=input_names, output_names=output_names,
         )
@@ -139,6 +193,10 @@ def _finish(model: ir.Model, opset: int) -> onnx.ModelProto:
     proto = ir.serde.serialize_model(model)
     used = {n.op_type for n in proto.graph.node if n.domain == DOMAIN}
     proto.functions.extend(op.function(opset) for op in QCN_OPS if op.name in used)
+    if any(n.domain == DOMAIN and n.op_type == "MoE" and n.overload == "fp8" for n in proto.graph.node):
+        from ..plugins.moe.op import function_proto as moe_function  # the official FP8 release's experts (fp8.py)
+
+        proto.functions.append(moe_function(opset, "fp8"))
     if not any(o.domain == DOMAIN for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
     del proto.metadata_props[:]
@@ -146,8 +204,16 @@ def _finish(model: ir.Model, opset: int) -> onnx.ModelProto:
 
 
 def export_graphs(cfg: ModelConfig, checkpoint, rope: RopeTables, out_dir: Path, *, activation_dtype: str,
-                  logits: str, opset: int, progress: bool = False, allow_nonfinite: bool = False) -> dict[str, Path]:
+                  logits: str, opset: int, progress: bool = False, allow_nonfinite: bool = False,
+                  fp8_roles: frozenset[str] = frozenset(), mtp: bool = False) -> dict[str, Path]:
     """Write prefill.onnx, decode.onnx and weights.bin into `out_dir`; return the graph paths.
+    With `mtp` (the checkpoint has an MTP head) also verify.onnx (the target model scoring
+    drafts: logits of every token and the GatedDeltaNet states after every token) and mtp.onnx
+    (the draft head, `compile/export/mtp.py`), and prefill/decode/verify get the `hidden` output.
+
+    `fp8_roles` (fp8.fp8_roles of the recipe): weights of these roles that the checkpoint
+    stores as FP8 blocks (the official FP8 release) are exported as their FP8 bytes plus
+    1 x b block scales behind a DequantizeLinear (fp8.py); the rest are dequantized on load.
 
     Weights stream from the checkpoint into weights.bin one tensor (one expert of a stacked
     expert tensor) at a time: peak memory is set by the largest tensor, not by the model.
@@ -155,14 +221,27 @@ def export_graphs(cfg: ModelConfig, checkpoint, rope: RopeTables, out_dir: Path,
     if activation_dtype not in DTYPES:
         raise ValueError(f"activation dtype {activation_dtype!r}; valid: {tuple(DTYPES)}")
     layout = state_layout(cfg, activation_dtype)
-    model = QcnModel(cfg, rope, DTYPES[activation_dtype], logits=logits, device="meta").eval()
+    act = DTYPES[activation_dtype]
+    model = QcnModel(cfg, rope, act, logits=logits, device="meta", hidden=mtp).eval()
     paths = {}
     with WeightsWriter(out_dir / WEIGHTS_FILE, allow_nonfinite=allow_nonfinite) as writer:
-        source = InitializerSource(writer, model, checkpoint, rope, progress)
-        for graph in GRAPHS:
+        kept = kept_fp8(model.specs, checkpoint, fp8_roles)
+        source = InitializerSource(writer, model, checkpoint, rope, progress, fp8=kept)
+        for graph in GRAPHS + (MTP_GRAPHS if mtp else ()):
             log.info("exporting %s graph", graph)
-            ir_model = _trace(model, layout, dynamic_tokens=(graph == "prefill"), opset=opset)
-            source.attach(ir_model, out_dir)
+            if graph == "mtp":  # the head's weights are dequantized on load (FP8 blocks kept only in the main graphs)
+                mtp_model = MtpModel(cfg, rope, act, device="meta").eval()
+                ir_model = _trace_mtp(mtp_model, opset)
+                InitializerSource(writer, mtp_model, checkpoint, rope, progress).attach(ir_model, out_dir)
+            else:
+                m = model if graph in GRAPHS else QcnModel(cfg, rope, act, logits="all", device="meta", hidden=True,
+                                                           verify=True).eval()
+                ir_model = _trace(m, layout, dynamic_tokens=(graph != "decode"), opset=opset)
+                if kept:
+                    attach = lambda v: source.attach_value(v, out_dir)  # noqa: E731
+                    emit_fp8(ir_model, kept, checkpoint.block_size[1], activation_dtype, opset, attach=attach)
+                    emit_fp8_moe(ir_model, kept, activation_dtype, attach=attach)
+                source.attach(ir_model, out_dir)
             writer.flush()
             proto = _finish(ir_model, opset)
             paths[graph] = out_dir / f"{graph}.onnx"

@@ -18,7 +18,7 @@ preflight.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Mapping
 
 from .base import QcnRule
 
@@ -48,11 +48,12 @@ class PassSpec:
     provides: tuple[tuple[str, str], ...] = ()  # recipe settings (quantization.<key>, value) it implements
     # activation tensors to calibrate before the rule runs on the prefill graph: model -> {key: tensor}
     calibrate: Callable | None = field(default=None)
+    reasons: Mapping[str, str] = field(default_factory=dict)  # module -> why the pass does not run there
 
     def why_not(self, module: str, quant: "QuantizationOptions | None" = None) -> str | None:
         """None when the pass runs for ``module`` and these options; otherwise the reason it does not."""
         if module not in self.modules:
-            return WHY_NOT.get(module, f"runs for {list(self.modules)} only, not {module}")
+            return self.reasons.get(module) or WHY_NOT.get(module, f"runs for {list(self.modules)} only, not {module}")
         if quant is not None:
             return self.wanted(quant)
         return None
@@ -68,23 +69,40 @@ def _lowerings() -> tuple[PassSpec, ...]:
 
 def _quantization() -> tuple[PassSpec, ...]:
     # --- quant (issue #10 parts 1, 4): FP8 W8A8 projections, FP8 experts ---
-    from .quant import fp8_projection
+    from .quant import fp8_experts, fp8_projection
 
-    rows = [fp8_projection.SPEC]
+    rows = [fp8_projection.SPEC, fp8_experts.SPEC]
     # --- int4 (issue #11): INT4 weight-only projections and experts, then their CPU forms ---
     from .quant import int4_rows
 
     rows += list(int4_rows.ROWS)
-    # --- fp8x (issue #10 part 3): add the FP8 KV-cache row here ---
+    # --- fp8x (issue #10 part 3): the FP8 KV cache, after the weight rows (it calibrates the new K/V of the
+    # graph with quantized weights: what the cache will hold) ---
+    from .quant import kv_fp8
+
+    rows.append(kv_fp8.SPEC)
     return tuple(rows)
 
 
+# --- fusions (rtx): first, before quantization (a quantization rule sees fused MatMuls) ----------
+# Each is kept because it measurably helps a backend; docs/PASSES.md "Fusions" has the numbers.
+
+def fusions() -> tuple[PassSpec, ...]:
+    from .fuse_rms_norm import FuseRmsNorm
+
+    return (
+        PassSpec("fuse_rms_norm", lambda ctx: FuseRmsNorm(None), ("onnxruntime",), ("", "Mul"),
+                 "the export's 7-node RMSNorm -> opset-23 RMSNormalization",
+                 reasons={"tensorrt_rtx": "no gain measured: TensorRT-RTX fuses the 7-node form itself (the tiny "
+                                          "model's engine has 177 layers with or without this pass)",
+                          "tensorrt": "not verified: full TensorRT cannot be installed here"}),
+    )
+
+
 def pass_table() -> tuple[PassSpec, ...]:
-    # --- rtx (issue #10 part 5): fusion rows go first ---
-    fusions: tuple[PassSpec, ...] = ()
     # --- cpu (issue #12): CPU lowering rows go between quantization and the plugin lowerings ---
     cpu: tuple[PassSpec, ...] = ()
-    return fusions + _quantization() + cpu + _lowerings()
+    return fusions() + _quantization() + cpu + _lowerings()
 
 
 def plan_for(module: str, quant: "QuantizationOptions | None" = None) -> list[tuple[PassSpec, str | None]]:

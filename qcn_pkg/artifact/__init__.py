@@ -18,7 +18,8 @@ from .hashing import hash_files, is_sha256, sha256_bytes, sha256_file, sha256_js
 from .manifest import (CACHE_KINDS, CARRIED_KINDS, FORMAT, FORMAT_VERSION, GRAPH_NAMES, LOGITS_MODES,
                        MANIFEST_NAME, STAGES, STATE_KINDS, SUPPORTED_FORMAT_VERSIONS, UPGRADES, BuildSection,
                        CheckpointInfo, GenerationDefaults, GraphSpec, Manifest, ModelSpec, NetworkIO,
-                       OnnxSource, PassesSection, ProfileSpec, RuntimeSpec, ShapeRange, StateSpec, TensorSpec, TokenizerSpec,
+                       OnnxSource, PassesSection, ProfileSpec, RuntimeSpec, ShapeRange, SpeculativeSection, StateSpec,
+                       TensorSpec, TokenizerSpec,
                        manifest_from_json, manifest_to_json, read_manifest, write_manifest)
 from .schema import from_json, to_json
 
@@ -30,6 +31,6 @@ __all__ = [
     "CACHE_KINDS", "CARRIED_KINDS", "FORMAT", "FORMAT_VERSION", "GRAPH_NAMES", "LOGITS_MODES", "MANIFEST_NAME",
     "STAGES", "STATE_KINDS", "SUPPORTED_FORMAT_VERSIONS", "UPGRADES", "BuildSection", "CheckpointInfo",
     "GenerationDefaults", "GraphSpec", "Manifest", "ModelSpec", "NetworkIO", "OnnxSource", "PassesSection", "ProfileSpec",
-    "RuntimeSpec", "ShapeRange", "StateSpec", "TensorSpec", "TokenizerSpec", "manifest_from_json",
+    "RuntimeSpec", "ShapeRange", "SpeculativeSection", "StateSpec", "TensorSpec", "TokenizerSpec", "manifest_from_json",
     "manifest_to_json", "read_manifest", "write_manifest", "from_json", "to_json",
 ]

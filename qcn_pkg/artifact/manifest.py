@@ -40,7 +40,7 @@ __all__ = [
     "STAGES", "GRAPH_NAMES", "LOGITS_MODES", "STATE_KINDS", "CARRIED_KINDS", "CACHE_KINDS",
     "TensorSpec", "GraphSpec", "StateSpec", "TokenizerSpec", "GenerationDefaults", "ModelSpec",
     "RuntimeSpec", "CheckpointInfo", "ShapeRange", "ProfileSpec", "NetworkIO", "OnnxSource",
-    "PassesSection", "BuildSection", "Manifest", "read_manifest", "write_manifest", "manifest_from_json",
+    "PassesSection", "BuildSection", "SpeculativeSection", "SPECULATIVE_GRAPHS", "Manifest", "read_manifest", "write_manifest", "manifest_from_json",
     "manifest_to_json",
 ]
 
@@ -53,6 +53,8 @@ UPGRADES: dict[int, Callable[[dict], dict]] = {}  # n -> function: version-n dic
 
 STAGES = ("export", "passes", "build")
 GRAPH_NAMES = ("prefill", "decode")
+SPECULATIVE_GRAPHS = ("verify", "mtp")  # present with a `speculative` section (docs/MTP.md)
+MTP_EXTRA_INPUTS = ("hidden", "last_index")  # the mtp graph's inputs besides input_ids, past_len and its caches
 LOGITS_MODES = ("last", "all")  # "last": logits [batch, V] of the last token; "all": [batch, tokens, V]
 CARRIED_KINDS = ("conv_state", "recurrent_state")  # output replaces input
 CACHE_KINDS = ("key", "value")  # output is the new tokens' slice, appended by the runtime
@@ -287,6 +289,26 @@ class BuildSection(Frozen):
     runtime_cache: str | None = checked(_relpath, "a file name or null", default=None)
     build_seconds: float | None = None
     budget: Any = None
+    # the engine's layers from the builder's report: {file, count, types, gemms: {precision: n}}
+    layers: Any = None
+
+
+@dataclass(frozen=True)
+class SpeculativeSection(Frozen):
+    """MTP speculative decoding (docs/MTP.md, docs/CONTRACT.md "Speculative decoding"): the
+    `verify` graph (the target model over the last token + drafts: logits of every token, the
+    carried states after every token) and the `mtp` draft graph with its own KV cache `state`.
+    ``hidden`` is the output of prefill/decode/verify holding the post-final-norm hidden state
+    of every token [batch, tokens, H]; ``per_token`` maps each carried state's input name to the
+    verify graph's output holding it after every token [batch, tokens, *shape];
+    ``draft_tokens`` is the runtime's default N (0 = off unless asked for)."""
+
+    method: str = checked(_one_of(("mtp",)), "'mtp'")
+    state: tuple[StateSpec, ...] = checked(lambda v: None, "a list of the mtp graph's cache states")
+    per_token: Mapping[str, str] = checked(lambda v: None, "an object: carried state input -> verify output")
+    draft_tokens: int = checked(lambda v: None if v >= 0 else f"must be >= 0 (0 = off), got {v}",
+                                "an integer >= 0", default=0)
+    hidden: str = "hidden"
 
 
 @dataclass(frozen=True)
@@ -316,6 +338,7 @@ class Manifest(Frozen):
     # stage sections
     passes: PassesSection | None = None  # stage passes (and build after it)
     build: BuildSection | None = None  # stage build
+    speculative: SpeculativeSection | None = None  # MTP head exported (recipe runtime.speculative)
     # where it was read from (not part of the JSON)
     artifact_dir: Path | None = field(default=None, compare=False, metadata=LOCAL)
     verify_hashes: bool = field(default=True, compare=False, metadata=LOCAL)
@@ -433,9 +456,14 @@ def _validate(m: Manifest, source: str) -> Manifest:
         if name not in m.graphs:
             raise fail(f"graphs.{name}", f"missing (expected the {name} graph's description)")
         graphs[name] = _check_graph(dataclasses.replace(m.graphs[name], name=name), fail)
-    extra = [g for g in m.graphs if g not in GRAPH_NAMES]
+    names = GRAPH_NAMES + (SPECULATIVE_GRAPHS if m.speculative is not None else ())
+    extra = [g for g in m.graphs if g not in names]
     if extra:
-        raise fail(f"graphs.{extra[0]}", f"unknown graph; graphs are {', '.join(GRAPH_NAMES)}")
+        raise fail(f"graphs.{extra[0]}", f"unknown graph; graphs are {', '.join(names)}")
+    for name in names[len(GRAPH_NAMES):]:
+        if name not in m.graphs:
+            raise fail(f"graphs.{name}", f"missing (a manifest with 'speculative' describes the {name} graph)")
+        graphs[name] = _check_graph(dataclasses.replace(m.graphs[name], name=name), fail)
 
     states = tuple(_resolve_state(s, i, model.max_context, fail) for i, s in enumerate(m.state))
     for attr in ("input", "output"):
@@ -446,8 +474,12 @@ def _validate(m: Manifest, source: str) -> Manifest:
     for s in states:
         if not 0 <= s.layer < model.num_layers:
             raise fail("state", f"{s.input!r}: layer {s.layer} is outside 0..{model.num_layers - 1}")
+    spec = m.speculative
     for g in graphs.values():
-        _check_graph_vs_state(g, states, fail)
+        if g.name in GRAPH_NAMES:
+            _check_graph_vs_state(g, states, fail)
+    if spec is not None:
+        spec = _check_speculative(spec, graphs, states, model, fail)
 
     files: dict[str, str] = {}
     for rel, digest in m.files.items():
@@ -466,7 +498,33 @@ def _validate(m: Manifest, source: str) -> Manifest:
         raise fail("passes.report", f"{m.passes.report!r} is not listed in 'files'")
     if m.stage == "build":
         _check_build(m, graphs, fail)
-    return dataclasses.replace(m, graphs=MappingProxyType(graphs), state=states, files=MappingProxyType(files))
+    return dataclasses.replace(m, graphs=MappingProxyType(graphs), state=states, files=MappingProxyType(files),
+                               speculative=spec)
+
+
+def _check_speculative(spec: SpeculativeSection, graphs, states, model: ModelSpec, fail) -> SpeculativeSection:
+    mtp_states = tuple(_resolve_state(s, i, model.max_context, lambda k, msg: fail("speculative." + k, msg))
+                       for i, s in enumerate(spec.state))
+    for s in mtp_states:
+        if s.carried or s.layer != model.num_layers:
+            raise fail("speculative.state", f"{s.input!r}: the mtp graph keeps key/value caches of layer "
+                                            f"{model.num_layers} (after the main layers), got layer {s.layer} {s.kind}")
+    carried = [s for s in states if s.carried]
+    if set(spec.per_token) != {s.input for s in carried}:
+        raise fail("speculative.per_token", f"must map every carried state {[s.input for s in carried]}, "
+                                            f"got {sorted(spec.per_token)}")
+    for g in ("prefill", "decode", "verify"):
+        if spec.hidden not in graphs[g].output_names:
+            raise fail(f"graphs.{g}.outputs", f"lacks the hidden-state output {spec.hidden!r} the mtp graph reads")
+    verify = graphs["verify"]
+    if verify.logits != "all":
+        raise fail("graphs.verify.logits", "must be 'all' (the verify graph scores every draft token)")
+    _check_graph_vs_state(verify, states, fail, outputs={s.input: spec.per_token[s.input] for s in carried})
+    draft = graphs["mtp"]
+    if draft.logits != "last":
+        raise fail("graphs.mtp.logits", "must be 'last' (the logits of each row's last_index token)")
+    _check_graph_vs_state(draft, mtp_states, fail, extra_inputs=MTP_EXTRA_INPUTS)
+    return dataclasses.replace(spec, state=mtp_states)
 
 
 def _check_graph(g: GraphSpec, fail) -> GraphSpec:
@@ -511,9 +569,12 @@ def _resolve_state(s: StateSpec, i: int, max_context: int, fail) -> StateSpec:
     return dataclasses.replace(s, shape=tuple(shape))
 
 
-def _check_graph_vs_state(g: GraphSpec, states: tuple[StateSpec, ...], fail) -> None:
+def _check_graph_vs_state(g: GraphSpec, states: tuple[StateSpec, ...], fail, *, extra_inputs=(),
+                          outputs: Mapping[str, str] | None = None) -> None:
+    """Every graph input is known and every state is an input and an output (``outputs``:
+    state input -> the graph's output name, where it is not the state's own, e.g. verify's)."""
     key = f"graphs.{g.name}"
-    known_inputs = {"input_ids", "past_len"} | {s.input for s in states}
+    known_inputs = {"input_ids", "past_len", *extra_inputs} | {s.input for s in states}
     for name in g.input_names:
         if name not in known_inputs:
             raise fail(f"{key}.inputs", f"input {name!r} is neither input_ids, past_len nor a state input listed in "
@@ -521,8 +582,9 @@ def _check_graph_vs_state(g: GraphSpec, states: tuple[StateSpec, ...], fail) -> 
     for s in states:
         if s.input not in g.input_names:
             raise fail(f"{key}.inputs", f"state input {s.input!r} (layer {s.layer} {s.kind}) is not a graph input")
-        if s.output not in g.output_names:
-            raise fail(f"{key}.outputs", f"state output {s.output!r} (layer {s.layer} {s.kind}) is not a graph output")
+        out = (outputs or {}).get(s.input, s.output)
+        if out not in g.output_names:
+            raise fail(f"{key}.outputs", f"state output {out!r} (layer {s.layer} {s.kind}) is not a graph output")
         gi = g.input(s.input)
         if gi.dtype != s.dtype:
             raise fail(f"{key}.inputs", f"{s.input!r} has dtype {gi.dtype} but state lists {s.dtype}")
@@ -589,9 +651,13 @@ def _check_present(m: Manifest, adir: Path) -> None:
 def manifest_to_json(m: Manifest) -> dict:
     """The one writer: a :class:`Manifest` -> its JSON dict (state caches' dim 1 written as the
     symbol "max_context")."""
-    state = tuple(dataclasses.replace(s, shape=(s.shape[0], "max_context", *s.shape[2:])) if s.kind in CACHE_KINDS else s
-                  for s in m.state)
-    return to_json(dataclasses.replace(m, state=state))
+    def symbolic(states):
+        return tuple(dataclasses.replace(s, shape=(s.shape[0], "max_context", *s.shape[2:])) if s.kind in CACHE_KINDS
+                     else s for s in states)
+    spec = m.speculative
+    if spec is not None:
+        spec = dataclasses.replace(spec, state=symbolic(spec.state))
+    return to_json(dataclasses.replace(m, state=symbolic(m.state), speculative=spec))
 
 
 def write_manifest(directory: str | os.PathLike, m: Manifest) -> Path:

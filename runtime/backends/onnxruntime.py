@@ -26,6 +26,7 @@ from qcn.artifact import DTYPES
 from ..errors import ArtifactError, BackendError
 from ...support import state_dtype_problems
 from ..manifest import Manifest, numpy_dtype
+from ..state import host_dtype
 from .onnx_weights import WeightMaps, external_initializers
 from .ort_state import OrtStateStore
 
@@ -63,7 +64,7 @@ class OrtBackend:
         for _key, msg in state_dtype_problems(self.name, [(s.input, s.dtype) for s in manifest.state]):
             raise ArtifactError(f"{manifest.artifact_dir / 'manifest.json'}: {msg}")  # qcn-compile checks it too
         for s in manifest.state:
-            numpy_dtype(s.dtype, f"state {s.input!r}")
+            host_dtype(s.dtype, f"state {s.input!r}")
         manifest.verify_files()
 
         opts = self._options(threads)
@@ -157,9 +158,10 @@ class OrtBackend:
         return dict(zip(names, values))
 
     # -- state ------------------------------------------------------------------------------
-    def create_state(self, *, slots: int, max_context: int) -> OrtStateStore:
-        """The state store a Session keeps its sequences in (IOBinding, no per-step cache copy)."""
-        return OrtStateStore(self, slots=slots, max_context=max_context)
+    def create_state(self, *, slots: int, max_context: int, manifest: Manifest | None = None) -> OrtStateStore:
+        """The state store a Session keeps its sequences in (IOBinding, no per-step cache copy);
+        ``manifest``: a view of the manifest whose ``state`` the store holds (the mtp graph's caches)."""
+        return OrtStateStore(self, slots=slots, max_context=max_context, manifest=manifest)
 
     def has_graph(self, graph_name: str) -> bool:
         return graph_name in self._sessions

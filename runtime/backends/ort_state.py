@@ -24,6 +24,13 @@ Calls whose slots are not consecutive: if the slots' span is at most twice their
 call covers the span (the rows of uninvolved slots run with past_len 0 and their outputs are
 discarded: no state of theirs is read back or changed); otherwise one call per run of
 consecutive slots. Either way every binding stays a view.
+
+``step_with`` (speculative decoding, docs/MTP.md) also feeds extra inputs (the mtp graph's
+``hidden`` / ``last_index``) and returns the full logits and extra outputs (``hidden``, the
+verify graph's per-token states); a graph without ``present.*`` outputs (verify) leaves the
+carried states as they were, and ``set_carried`` writes them (the state of the last accepted
+token). A store over the mtp graph's own caches is made with ``manifest=`` a manifest view
+whose ``state`` is that graph's.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import numpy as np
 from ..errors import BackendError
 from ..state import _Layout, contiguous_runs
 from ..manifest import numpy_dtype
+from qcn.artifact import DTYPES
 
 __all__ = ["OrtStateStore"]
 
@@ -46,12 +54,12 @@ _GROWTH = 1.25
 class OrtStateStore:
     """StateStore of the onnxruntime backend (``OrtBackend.create_state``)."""
 
-    def __init__(self, backend, *, slots: int, max_context: int, initial_capacity: int = 256):
+    def __init__(self, backend, *, slots: int, max_context: int, initial_capacity: int = 256, manifest=None):
         self.backend = backend
         self.slots = slots
         self.max_context = max_context
-        self._l = lay = _Layout(backend.manifest)
-        m = backend.manifest
+        self._m = m = manifest if manifest is not None else backend.manifest
+        self._l = lay = _Layout(m)
         self._carried = {s.input: np.zeros((slots, *s.shape), dtype=lay.dtype[s.input]) for s in lay.carried}
         self._carried_out = {s.input: np.empty((slots, *s.shape), dtype=lay.dtype[s.input]) for s in lay.carried}
         self.capacity = self._floor = self._round(min(max_context, initial_capacity))
@@ -60,6 +68,9 @@ class OrtStateStore:
             kvh, _, d = s.shape
             self._cache[s.input] = np.zeros((slots, kvh, self.capacity, d), dtype=lay.dtype[s.input])
         self._extent = np.zeros(slots, dtype=np.int64)  # positions of each slot's cache that hold K/V
+        # what ONNX Runtime is told a buffer holds: its ONNX type where numpy has no such dtype
+        # (an FP8 KV cache: uint8 buffers bound as float8e4m3fn), else the numpy type
+        self._elem = {s.input: _elem_type(s.dtype, lay.dtype[s.input]) for s in m.state}
         self._io = {}
         self._bound: dict[str, tuple] = {}  # graph -> what its IOBinding holds (rebinding costs ~35 Python calls)
         self._extra_outputs = {g: [n for n in backend.output_names(g) if n not in spec.output_names]
@@ -69,7 +80,7 @@ class OrtStateStore:
     def _staging(self, tokens: int) -> None:
         """(Re)allocate the per-call buffers for calls of up to ``tokens`` tokens per sequence
         (runtime.prefill_chunk unless a caller raises Session.prefill_chunk)."""
-        lay, m, slots = self._l, self.backend.manifest, self.slots
+        lay, m, slots = self._l, self._m, self.slots
         self._chunk = tokens
         self._bound = {}
         self._new = {}
@@ -110,11 +121,21 @@ class OrtStateStore:
             self._resize(target)
 
     def step(self, graph: str, slots: Sequence[int], input_ids: np.ndarray, past_len: np.ndarray) -> np.ndarray:
+        logits, _ = self.step_with(graph, slots, input_ids, past_len)
+        return self._l.last_logits(graph, logits)
+
+    def step_with(self, graph: str, slots: Sequence[int], input_ids: np.ndarray, past_len: np.ndarray,
+                  inputs: Mapping[str, np.ndarray] | None = None, outputs: Sequence[str] = ()):
+        """``step`` with extra graph ``inputs`` (``[B, ...]`` each) and extra ``outputs``:
+        returns (logits as the graph gives them, ``[B, V]`` or ``[B, T, V]``; {name: [B, ...]})."""
         b, t = input_ids.shape
         past_len = np.asarray(past_len, dtype=np.int64)
         self._fit(int((past_len + t).max()))
-        vocab = self.backend.manifest.model.vocab_size
-        logits = np.empty((b, vocab), dtype=np.float32)
+        spec = self._l.graphs[graph]
+        vocab = self._m.model.vocab_size
+        logits = np.empty((b, t, vocab) if spec.logits == "all" else (b, vocab), dtype=np.float32)
+        extras: dict[str, np.ndarray] = {}
+        inputs = dict(inputs or {})
         lo, hi = min(slots), max(slots)
         if hi - lo + 1 <= 2 * b:
             groups = [(lo, hi - lo + 1, list(range(b)))]
@@ -126,11 +147,21 @@ class OrtStateStore:
             lens = np.zeros(span, dtype=np.int64)
             ids[rows] = input_ids[positions]
             lens[rows] = past_len[positions]
-            out_logits = self._call(graph, s0, span, ids, lens, rows)
+            feeds = {}
+            for name, a in inputs.items():
+                full = np.zeros((span, *a.shape[1:]), dtype=a.dtype)
+                full[rows] = a[positions]
+                feeds[name] = full
+            out_logits, outs = self._call(graph, s0, span, ids, lens, rows, feeds, outputs)
             logits[positions] = out_logits[rows]
-        return logits
+            for name, a in outs.items():
+                if name not in extras:
+                    extras[name] = np.empty((b, *a.shape[1:]), dtype=a.dtype)
+                extras[name][positions] = a[rows]
+        return logits, extras
 
-    def _call(self, graph: str, s0: int, span: int, ids: np.ndarray, lens: np.ndarray, rows: list[int]) -> np.ndarray:
+    def _call(self, graph: str, s0: int, span: int, ids: np.ndarray, lens: np.ndarray, rows: list[int],
+              feeds: Mapping[str, np.ndarray] | None = None, outputs: Sequence[str] = ()):
         t = ids.shape[1]
         be, lay = self.backend, self._l
         if t > self._chunk:
@@ -148,29 +179,41 @@ class OrtStateStore:
             kvh, _, d = s.shape
             new_views[s.input] = self._new[s.input][: span * kvh * t * d].reshape(span, kvh, t, d)
         spec = lay.graphs[graph]
-        vocab = be.manifest.model.vocab_size
+        vocab = self._m.model.vocab_size
         lg_shape = (span, t, vocab) if spec.logits == "all" else (span, vocab)
         lg = self._logits[graph][: math.prod(lg_shape)].reshape(lg_shape)
         # the same slots, tokens and buffers as this graph's last call: its bindings still hold
-        key = (s0, span, t)  # resizing or new staging buffers forget every binding
+        carried_out = [s for s in lay.carried if s.output in spec.output_names]  # verify has none
+        key = (s0, span, t, tuple(outputs))  # resizing or new staging buffers forget every binding
         if self._bound.get(graph) != key:
             io.clear_binding_inputs()
             io.clear_binding_outputs()
             _bind(io.bind_input, "input_ids", ids_buf)
             _bind(io.bind_input, "past_len", lens_buf)
             for s in lay.carried:
-                _bind(io.bind_input, s.input, self._carried[s.input][sl])
-                _bind(io.bind_output, s.output, self._carried_out[s.input][:span])
+                _bind(io.bind_input, s.input, self._carried[s.input][sl], self._elem[s.input])
+            for s in carried_out:
+                _bind(io.bind_output, s.output, self._carried_out[s.input][:span], self._elem[s.input])
             for s in lay.cache:
-                _bind(io.bind_input, s.input, self._cache[s.input][sl])
-                _bind(io.bind_output, s.output, new_views[s.input])
+                _bind(io.bind_input, s.input, self._cache[s.input][sl], self._elem[s.input])
+                _bind(io.bind_output, s.output, new_views[s.input], self._elem[s.input])
             _bind(io.bind_output, "logits", lg)
             for name in self._extra_outputs.get(graph, ()):
                 io.bind_output(name, "cpu")
             self._bound[graph] = key
+        for name, a in (feeds or {}).items():  # extra inputs change every call: rebinding replaces
+            _bind(io.bind_input, name, np.ascontiguousarray(a))
+        extra = {}
+        for name in outputs:
+            o = spec.output(name)
+            dims = [span if d == "batch" else t if d == "tokens" else d for d in o.shape]
+            if not all(isinstance(d, int) for d in dims):
+                raise BackendError(f"{graph} graph output {name!r} has shape {list(o.shape)}: cannot size its buffer")
+            extra[name] = np.empty(dims, dtype=numpy_dtype(o.dtype))
+            _bind(io.bind_output, name, extra[name])
         be.run_binding(graph, io)
         # write back only the called rows: uninvolved slots of a covering call keep their state
-        for s in lay.carried:
+        for s in carried_out:
             self._carried[s.input][s0 + np.asarray(rows)] = self._carried_out[s.input][rows]
         for s in lay.cache:
             cache, new = self._cache[s.input], new_views[s.input]
@@ -179,7 +222,12 @@ class OrtStateStore:
                 cache[s0 + r, :, p : p + t] = new[r]
         for r in rows:
             self._extent[s0 + r] = max(self._extent[s0 + r], int(lens[r]) + t)
-        return lay.last_logits(graph, lg)
+        return lg, extra  # lg is a staging view: step_with copies the called rows out
+
+    def set_carried(self, slot: int, arrays: Mapping[str, np.ndarray]) -> None:
+        """Replace some carried states of ``slot`` (state input name -> ``[*shape]``)."""
+        for name, a in arrays.items():
+            self._carried[name][slot] = a
 
     def read(self, slot: int, past_len: int) -> dict[str, np.ndarray]:
         arrays = {name: buf[slot].copy() for name, buf in self._carried.items()}
@@ -204,8 +252,16 @@ class OrtStateStore:
         self._new.clear()
 
 
-def _bind(bind, name: str, a: np.ndarray) -> None:
-    """Bind a C-contiguous host array by address (ONNX Runtime reads/writes it in place)."""
+def _elem_type(name: str, host: np.dtype):
+    """IOBinding element type of a state of manifest dtype ``name`` held as ``host``: the numpy
+    type, or the ONNX elem type (an int) where the host buffer holds raw bits (float8_e4m3fn)."""
+    d = DTYPES[name]
+    return host.type if d.numpy is not None else d.onnx
+
+
+def _bind(bind, name: str, a: np.ndarray, elem=None) -> None:
+    """Bind a C-contiguous host array by address (ONNX Runtime reads/writes it in place);
+    ``elem``: what the bytes are (default: the array's numpy type)."""
     if not a.flags.c_contiguous:
         raise BackendError(f"internal error: {name!r} binding is not contiguous")
-    bind(name, "cpu", 0, a.dtype.type, list(a.shape), a.ctypes.data)
+    bind(name, "cpu", 0, a.dtype.type if elem is None else elem, list(a.shape), a.ctypes.data)

@@ -291,3 +291,32 @@ def test_trt_plugin_glue_with_fake_tensorrt(trt_stub):
     assert (launch.grid_x, int(launch.grid_y), launch.block_x) == (Hv, B, 128)  # decode_meta: 4 warps here
     assert 0 <= launch.shared_mem <= 48 * 1024
     assert extra == [1]  # the kernels' one int32 scalar: T
+
+
+# ---------------------------------------------------------------- verify form (speculative decoding)
+@pytest.mark.parametrize("cfg,B,T,K,dtype", [("gqa", 2, 4, 4, torch.float32), ("mha", 1, 3, 3, torch.bfloat16),
+                                             ("small", 3, 1, 4, torch.float32), ("small", 1, 5, 2, torch.float16)])
+def test_verify_kernel_gives_every_tokens_state(cfg, B, T, K, dtype, seed):
+    """gdn_verify_kernel vs the reference's per-token states (entry t = the state after token t),
+    on NaN-poisoned outputs; the input states stay untouched (a rejected draft never commits)."""
+    from qcn.compile.plugins.gated_deltanet import verify
+
+    Hk, Hv, Dk, Dv = CFGS[cfg]
+    inp = make_inputs(B, T, Hk, Hv, Dk, Dv, K=K, dtype=dtype, seed=seed)
+    before = {k: v.clone() for k, v in inp.items()}
+    y = torch.full((B, T, Hv * Dv), float("nan"), dtype=dtype)
+    css = torch.full((B, T, *inp["conv_state"].shape[1:]), float("nan"), dtype=dtype)
+    ss = torch.full((B, T, Hv, Dk, Dv), float("nan"), dtype=torch.float32)
+    verify.launch_verify(*inp.values(), y, css, ss, num_k_heads=Hk, norm_eps=1e-6)
+    ref_y, ref_css, ref_ss = gated_deltanet_reference(*inp.values(), num_k_heads=Hk, norm_eps=1e-6,
+                                                      per_token_states=True)
+    for name, o, r in (("y", y, ref_y), ("conv_states", css, ref_css), ("recurrent_states", ss, ref_ss)):
+        assert not torch.isnan(o).any(), f"{name}: element left unwritten (seed {seed})"
+        bound = 1e-5 if name == "recurrent_states" or dtype == torch.float32 else tol(dtype)
+        assert rel_err(o, r) < bound, f"{name}: rel err {rel_err(o, r):.3e} (seed {seed})"
+    assert torch.equal(css.float(), ref_css.float()), f"conv states are copies, bit-exact (seed {seed})"
+    for k, v in inp.items():
+        assert torch.equal(v, before[k]), f"{k} was modified (seed {seed})"
+    # the last entry is the plain op's state: verify with accept-all == one prefill/decode call
+    _, cso, so = gated_deltanet_reference(*inp.values(), num_k_heads=Hk, norm_eps=1e-6)
+    assert rel_err(ss[:, -1], so) < 1e-5 and torch.equal(css[:, -1].float(), cso.float())

@@ -192,7 +192,14 @@ class GraphRunner:
         self.session = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
     def run(self, ids: np.ndarray) -> dict[str, np.ndarray]:
-        got = self.session.run(self.outputs, zero_feeds(self.graph_inputs, ids))
+        import onnxruntime as ort
+
+        feeds = zero_feeds(self.graph_inputs, ids)
+        for i in self.session.get_inputs():  # an FP8 KV cache (kv_fp8): zeros as float8e4m3fn bytes
+            if i.type == "tensor(float8e4m3fn)":
+                feeds[i.name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
+                    np.zeros(feeds[i.name].shape, dtype=np.uint8), onnx.TensorProto.FLOAT8E4M3FN)
+        got = self.session.run(self.outputs, feeds)
         return dict(zip(self.outputs, got))
 
 

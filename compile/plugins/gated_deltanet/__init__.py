@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .reference import gated_deltanet_reference
 
-_LAUNCH = ("gated_deltanet", "gated_deltanet_decode", "gated_deltanet_prefill")
+_LAUNCH = ("gated_deltanet", "gated_deltanet_decode", "gated_deltanet_prefill", "gated_deltanet_verify")
 
 __all__ = [*_LAUNCH, "gated_deltanet_reference"]
 

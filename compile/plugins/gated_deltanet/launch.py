@@ -1,14 +1,16 @@
 """Public entry points of the qcn::GatedDeltaNet Triton kernels (imports triton).
 
-The kernels and their launchers live in ``decode.py`` (fused T = 1 step) and ``prefill.py``
-(chunked WY form, any T), with shared helpers in ``common.py``.
+The kernels and their launchers live in ``decode.py`` (fused T = 1 step), ``prefill.py``
+(chunked WY form, any T) and ``verify.py`` (the speculative verify form: T = N+1 tokens, the
+states after every token), with shared helpers in ``common.py``.
 """
 from __future__ import annotations
 
 from .decode import gated_deltanet_decode
 from .prefill import gated_deltanet_prefill
+from .verify import gated_deltanet_verify
 
-__all__ = ["gated_deltanet", "gated_deltanet_decode", "gated_deltanet_prefill"]
+__all__ = ["gated_deltanet", "gated_deltanet_decode", "gated_deltanet_prefill", "gated_deltanet_verify"]
 
 
 def gated_deltanet(qkv, z, b, a, conv_weight, A_log, dt_bias, norm_weight, conv_state, recurrent_state, *,

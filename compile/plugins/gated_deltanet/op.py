@@ -15,6 +15,13 @@ g = -exp(A_log) * softplus(a + dt_bias); S = exp(g) S; S += k (x) beta (v - S^T 
 y = norm_weight * rmsnorm(o) * silu(z). The torch op runs the naive per-token reference
 (`reference.py`, shared with the kernel tests); the function body is the same math in standard
 ONNX ops (a Scan over T).
+
+qcn::GatedDeltaNetVerify is the verify form (speculative decoding, docs/MTP.md): the same inputs
+and math, but it returns the state after *every* token, so the runtime can commit the state
+after the last accepted token without replaying anything:
+ -> y [B, T, Hv*Dv], conv_states [B, T, C, K-1], recurrent_states [B, T, Hv, Dk, Dv] fp32
+where entry t is the state after token t (entry T-1 is qcn::GatedDeltaNet's state output).
+It has no TensorRT plugin: TensorRT inlines its function body.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ OP_NAME = "GatedDeltaNet"
 L2_EPS = 1e-6  # as reference.py and transformers' l2norm
 INPUTS = ["qkv", "z", "b", "a", "conv_weight", "A_log", "dt_bias", "norm_weight", "conv_state", "recurrent_state"]
 OUTPUTS = ["y", "conv_state_out", "recurrent_state_out"]
+VERIFY_OP_NAME = "GatedDeltaNetVerify"
+VERIFY_OUTPUTS = ["y", "conv_states", "recurrent_states"]
 
 
 def split_sizes(C: int, Hv: int, Dv: int, num_k_heads: int) -> tuple[int, int, int]:
@@ -62,15 +71,36 @@ def _(qkv, z, b, a, conv_weight, A_log, dt_bias, norm_weight, conv_state, recurr
             torch.empty_like(recurrent_state))
 
 
-def _schema() -> OpSchema:
+@torch.library.custom_op("qcn::gated_deltanet_verify", mutates_args=())
+def gated_deltanet_verify(
+    qkv: torch.Tensor, z: torch.Tensor, b: torch.Tensor, a: torch.Tensor,
+    conv_weight: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, norm_weight: torch.Tensor,
+    conv_state: torch.Tensor, recurrent_state: torch.Tensor, num_k_heads: int, norm_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    split_sizes(qkv.shape[2], z.shape[2], z.shape[3], num_k_heads)
+    y, conv_states, recurrent_states = gated_deltanet_reference(
+        qkv, z, b, a, conv_weight, A_log, dt_bias, norm_weight, conv_state, recurrent_state,
+        num_k_heads=num_k_heads, norm_eps=norm_eps, compute_dtype=torch.float32, per_token_states=True)
+    return y.to(qkv.dtype), conv_states.to(conv_state.dtype).contiguous(), recurrent_states.float().contiguous()
+
+
+@gated_deltanet_verify.register_fake
+def _(qkv, z, b, a, conv_weight, A_log, dt_bias, norm_weight, conv_state, recurrent_state, num_k_heads, norm_eps):
+    B, T, _ = qkv.shape
+    return (qkv.new_empty(B, T, z.shape[2] * z.shape[3]), conv_state.new_empty(B, T, *conv_state.shape[1:]),
+            recurrent_state.new_empty(B, T, *recurrent_state.shape[1:]))
+
+
+def _schema(name: str = OP_NAME) -> OpSchema:
     P = OpSchema.FormalParameter
     types = {"qkv": "T", "z": "T", "b": "T", "a": "T", "conv_weight": "T", "A_log": "F", "dt_bias": "T",
              "norm_weight": "T", "conv_state": "T", "recurrent_state": "F"}
+    outs = VERIFY_OUTPUTS if name == VERIFY_OP_NAME else OUTPUTS
     return OpSchema(
-        OP_NAME, DOMAIN, DOMAIN_VERSION,
+        name, DOMAIN, DOMAIN_VERSION,
         doc=__doc__,
         inputs=[P(n, types[n]) for n in INPUTS],
-        outputs=[P("y", "T"), P("conv_state_out", "T"), P("recurrent_state_out", "F")],
+        outputs=[P(outs[0], "T"), P(outs[1], "T"), P(outs[2], "F")],
         type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "activations"),
                           ("F", ["tensor(float)"], "fp32 state and A_log")],
         attributes=[OpSchema.Attribute("num_k_heads", OpSchema.AttrType.INT, "Hk"),
@@ -79,6 +109,7 @@ def _schema() -> OpSchema:
 
 
 register_schema(_schema())
+register_schema(_schema(VERIFY_OP_NAME))
 _qcn = onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)
 
 
@@ -88,8 +119,15 @@ def _translation(qkv, z, b, a, conv_weight, A_log, dt_bias, norm_weight, conv_st
                               recurrent_state, num_k_heads=num_k_heads, norm_eps=norm_eps)
 
 
-def _scan_body() -> onnx.GraphProto:
-    """One token: S [B,Hv,Dk,Dv], q_t/k_t [B,Hv,Dk], v_t [B,Hv,Dv], g_t/beta_t [B,Hv] -> S', o_t."""
+def _verify_translation(qkv, z, b, a, conv_weight, A_log, dt_bias, norm_weight, conv_state, recurrent_state,
+                        num_k_heads: int, norm_eps: float):
+    return _qcn.GatedDeltaNetVerify(qkv, z, b, a, conv_weight, A_log, dt_bias, norm_weight, conv_state,
+                                    recurrent_state, num_k_heads=num_k_heads, norm_eps=norm_eps)
+
+
+def _scan_body(per_token: bool = False) -> onnx.GraphProto:
+    """One token: S [B,Hv,Dk,Dv], q_t/k_t [B,Hv,Dk], v_t [B,Hv,Dv], g_t/beta_t [B,Hv] -> S', o_t
+    (and S' again as a scan output when ``per_token``: the stacked states after every token)."""
     f = FunctionBuilder("gdn_step", 0, prefix="step_")
     last2 = f.const([-1, -2], "int64")
     decay = f.op("Unsqueeze", f.op("Exp", "g_t"), last2)  # [B,Hv,1,1]
@@ -104,16 +142,24 @@ def _scan_body() -> onnx.GraphProto:
     f.graph_op("Squeeze", [f.op("MatMul", q_row, "S_out"), f.const([-2], "int64")], ["o_t"])
     fl = TensorProto.FLOAT
     vi = helper.make_tensor_value_info
+    outs = [vi("S_out", fl, [None] * 4), vi("o_t", fl, [None] * 3)]
+    if per_token:
+        f.graph_op("Identity", ["S_out"], ["S_t"])
+        outs.append(vi("S_t", fl, [None] * 4))
     return helper.make_graph(
         f.nodes, "gdn_step",
         [vi("S_in", fl, [None] * 4), vi("q_t", fl, [None] * 3), vi("k_t", fl, [None] * 3),
          vi("v_t", fl, [None] * 3), vi("g_t", fl, [None] * 2), vi("beta_t", fl, [None] * 2)],
-        [vi("S_out", fl, [None] * 4), vi("o_t", fl, [None] * 3)],
+        outs,
     )
 
 
-def function_proto(opset: int) -> onnx.FunctionProto:
-    f = FunctionBuilder(OP_NAME, opset)
+def verify_function_proto(opset: int) -> onnx.FunctionProto:
+    return function_proto(opset, per_token=True)
+
+
+def function_proto(opset: int, per_token: bool = False) -> onnx.FunctionProto:
+    f = FunctionBuilder(VERIFY_OP_NAME if per_token else OP_NAME, opset)
     FLOAT = TensorProto.FLOAT
     i64 = lambda v: f.const(v, "int64")  # noqa: E731
     T = f.dim("qkv", 1)
@@ -123,9 +169,14 @@ def function_proto(opset: int) -> onnx.FunctionProto:
 
     # causal depthwise conv: window[b, c, t, j] = x[b, c, t + j]
     x = f.op("Concat", f.op("CastLike", "conv_state", "qkv"), f.op("Transpose", "qkv", perm=[0, 2, 1]), axis=2)
-    f.graph_op("Slice", [x, T, i64([INT64_MAX]), i64([2])], ["conv_state_out"])
     K = f.dim("conv_weight", 1)
     t_idx = f.op("Unsqueeze", f.op("Range", i64(0), f.op("Squeeze", T), i64(1)), i64([1]))  # [T,1]
+    if per_token:  # the conv state after token t: x[b, c, t+1+j], j < K-1 -> [B,T,C,K-1]
+        jm = f.op("Unsqueeze", f.op("Range", i64(1), f.op("Squeeze", K), i64(1)), i64([0]))  # [1,K-1]: 1..K-1
+        after = f.op("Gather", x, f.op("Add", t_idx, jm), axis=2)  # [B,C,T,K-1]
+        f.graph_op("Transpose", [after], ["conv_states"], perm=[0, 2, 1, 3])
+    else:
+        f.graph_op("Slice", [x, T, i64([INT64_MAX]), i64([2])], ["conv_state_out"])
     j_idx = f.op("Unsqueeze", f.op("Range", i64(0), f.op("Squeeze", K), i64(1)), i64([0]))  # [1,K]
     windows = f.op("Gather", x, f.op("Add", t_idx, j_idx), axis=2)  # [B,C,T,K]
     w = f.op("Unsqueeze", "conv_weight", i64([1]))  # [C,1,K]
@@ -156,12 +207,16 @@ def function_proto(opset: int) -> onnx.FunctionProto:
     g = f.op("Mul", f.op("Neg", f.op("Exp", f.op("Cast", "A_log", to=FLOAT))), f.op("Softplus", dt))
 
     tm = lambda t, perm: f.op("Transpose", t, perm=perm)  # noqa: E731  time-major for Scan
-    S_out, o_tm = f.op(
+    scanned = f.op(
         "Scan", f.op("Cast", "recurrent_state", to=FLOAT),
         tm(qn, [1, 0, 2, 3]), tm(kn, [1, 0, 2, 3]), tm(vf, [1, 0, 2, 3]), tm(g, [1, 0, 2]), tm(beta, [1, 0, 2]),
-        outputs=2, num_scan_inputs=5, body=_scan_body(),
+        outputs=3 if per_token else 2, num_scan_inputs=5, body=_scan_body(per_token),
     )
-    f.graph_op("Identity", [S_out], ["recurrent_state_out"])
+    S_out, o_tm = scanned[0], scanned[1]
+    if per_token:
+        f.graph_op("Transpose", [scanned[2]], ["recurrent_states"], perm=[1, 0, 2, 3, 4])
+    else:
+        f.graph_op("Identity", [S_out], ["recurrent_state_out"])
     o = f.op("CastLike", tm(o_tm, [1, 0, 2, 3]), "qkv")  # [B,T,Hv,Dv] activation dtype
 
     # gated RMSNorm with transformers' casts
@@ -173,7 +228,9 @@ def function_proto(opset: int) -> onnx.FunctionProto:
     gated = f.op("Mul", f.op("Cast", f.op("Mul", "norm_weight", normed), to=FLOAT), f.op("Mul", zf, f.op("Sigmoid", zf)))
     y = f.op("CastLike", gated, "qkv")
     f.graph_op("Reshape", [y, f.op("Concat", i64([0, 0]), value_dim, axis=0)], ["y"])
-    return f.build(INPUTS, OUTPUTS, ["num_k_heads", "norm_eps"])
+    return f.build(INPUTS, VERIFY_OUTPUTS if per_token else OUTPUTS, ["num_k_heads", "norm_eps"])
 
 
 OP = QcnOp(OP_NAME, torch.ops.qcn.gated_deltanet.default, _schema(), _translation, function_proto)
+VERIFY_OP = QcnOp(VERIFY_OP_NAME, torch.ops.qcn.gated_deltanet_verify.default, _schema(VERIFY_OP_NAME),
+                  _verify_translation, verify_function_proto)

@@ -64,6 +64,7 @@ def gated_deltanet_reference(
     norm_eps: float = 1e-6,
     compute_dtype: torch.dtype = torch.float64,
     emulate_rounding: bool = True,
+    per_token_states: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the op token by token; inputs are not modified.
 
@@ -71,7 +72,10 @@ def gated_deltanet_reference(
     With ``emulate_rounding`` and 16-bit activations, values are rounded to the activation
     dtype where transformers rounds them (conv output, SiLU output, beta, core output,
     normalised output, weight product, final output), so the result matches transformers
-    run in that dtype. Returns ``(y, conv_state_out, recurrent_state_out)``.
+    run in that dtype. Returns ``(y, conv_state_out, recurrent_state_out)``; with
+    ``per_token_states`` (the verify form, ``qcn::GatedDeltaNetVerify``) the states after every
+    token instead: ``conv_states [B, T, C, K-1]`` and ``recurrent_states [B, T, Hv, Dk, Dv]`` fp32,
+    whose entry ``T-1`` is what the plain form returns.
     """
     B, T, C, Hk, Hv, Dk, Dv, K = infer_dims(qkv, z, conv_weight, num_k_heads)
     act = qkv.dtype
@@ -104,16 +108,22 @@ def gated_deltanet_reference(
 
     S = recurrent_state.to(cd).clone()  # [B, Hv, Dk, Dv]
     o = torch.empty(B, T, Hv, Dv, dtype=cd)
+    states = []
     for t in range(T):
         S = S * torch.exp(g[:, t])[..., None, None]
         kv = torch.einsum("bhk,bhkv->bhv", k[:, t], S)
         delta = beta[:, t, :, None] * (v[:, t] - kv)
         S = S + k[:, t, :, :, None] * delta[:, :, None, :]
         o[:, t] = torch.einsum("bhk,bhkv->bhv", q[:, t], S)
+        if per_token_states:
+            states.append(S.to(torch.float32))
 
     # gated RMSNorm (not zero-centred): w * rmsnorm(o) * silu(z)
     o = rnd(o)
     o_hat = rnd(o * torch.rsqrt((o * o).mean(-1, keepdim=True) + norm_eps))
     y = rnd(norm_weight.to(cd) * o_hat) * F.silu(z.to(cd))
     y = y.reshape(B, T, Hv * Dv).to(act)
+    if per_token_states:  # the conv state after token t is x[:, :, t+1 : t+K]
+        conv_states = torch.stack([x[:, :, t + 1:t + K] for t in range(T)], dim=1).to(conv_state.dtype)
+        return y, conv_states, torch.stack(states, dim=1)
     return y, conv_state_out, S.to(torch.float32)
