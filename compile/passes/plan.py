@@ -9,21 +9,22 @@ Today's table (docs/PASSES.md):
       qcn ops -> the ops' AOT TensorRT plugins (the op registry's rows, plugins/registry.py).
       onnxruntime (target cpu) and tensorrt_rtx (no plugin path) run the ops' ONNX function
       bodies, so these passes do not apply there.
-The cpu target's pass list is therefore empty today: its passes stage writes the export's
-graphs unchanged (hard links) plus the report. Quantization (FP8/INT4), fusions and CPU
+  cpu_gated_deltanet, cpu_moe (cpu lowerings, onnxruntime only; section "cpu" below): qcn ops -> ONNX
+      Runtime's fast CPU forms (docs/PASSES.md).
+Quantization (FP8/INT4), fusions and CPU
 lowerings are rows to add here: ``PassSpec(name, rule factory, modules)``, placed before
 the plugin lowerings (a lowering must see the final weight formats).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
 
 from .base import QcnRule
 
 WHY_NOT = {
-    "onnxruntime": "onnxruntime runs the op's ONNX function body (no plugins on this target)",
+    "onnxruntime": "onnxruntime runs the op's ONNX function body or a cpu_* lowering's form (no plugins on this target)",
     "tensorrt_rtx": "TensorRT-RTX has no plugin path; its ONNX parser inlines the op's function body",
 }
 
@@ -35,19 +36,41 @@ class PassSpec:
     modules: tuple[str, ...]                  # target modules the pass runs for
     root: tuple[str, str]                     # (domain, op_type) its pattern roots at
     summary: str
+    reasons: Mapping[str, str] = field(default_factory=lambda: WHY_NOT)  # module -> why the pass does not run there
 
     def why_not(self, module: str) -> str | None:
         """None when the pass runs for ``module``; otherwise the reason it does not."""
         if module in self.modules:
             return None
-        return WHY_NOT.get(module, f"runs for {list(self.modules)} only, not {module}")
+        return self.reasons.get(module, f"runs for {list(self.modules)} only, not {module}")
+
+
+CPU_ONLY = {m: "a CPU lowering: its fast forms are ONNX Runtime CPU kernels (this target keeps the op for its own "
+              "lowering or parser)" for m in ("tensorrt", "tensorrt_rtx")}
+
+
+def cpu_lowerings() -> tuple[PassSpec, ...]:
+    """The cpu target's lowerings (compile/passes/cpu_*.py): qcn ops -> fast forms of standard ONNX
+    ops and ONNX Runtime CPU contrib ops, exact up to fp32 rounding against the function bodies."""
+    from .cpu_gated_deltanet import CpuGatedDeltaNet
+    from .cpu_moe import CpuMoE
+
+    return (
+        PassSpec(CpuGatedDeltaNet.pass_name, CpuGatedDeltaNet, ("onnxruntime",), ("qcn", CpuGatedDeltaNet.root_op),
+                 "qcn::GatedDeltaNet -> com.microsoft.LinearAttention (gated_delta) + conv/norm in standard ops",
+                 CPU_ONLY),
+        PassSpec(CpuMoE.pass_name, CpuMoE, ("onnxruntime",), ("qcn", CpuMoE.root_op),
+                 "qcn::MoE (float) -> only the selected experts (Unique + Gather + batched MatMul)", CPU_ONLY),
+    )
 
 
 def pass_table() -> tuple[PassSpec, ...]:
     from ..plugins.registry import OPS
 
-    return tuple(PassSpec(e.lowering.pass_name, e.lowering, ("tensorrt",), (e.lowering.root_domain, e.lowering.root_op),
-                          f"qcn::{e.name} -> its TensorRT AOT plugins") for e in OPS)
+    cpu = cpu_lowerings()
+    trt = tuple(PassSpec(e.lowering.pass_name, e.lowering, ("tensorrt",), (e.lowering.root_domain, e.lowering.root_op),
+                         f"qcn::{e.name} -> its TensorRT AOT plugins") for e in OPS)
+    return cpu + trt
 
 
 def plan_for(module: str) -> list[tuple[PassSpec, str | None]]:
