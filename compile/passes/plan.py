@@ -9,7 +9,7 @@ Today's table (docs/PASSES.md):
       qcn ops -> the ops' AOT TensorRT plugins (the op registry's rows, plugins/registry.py).
       onnxruntime (target cpu) and tensorrt_rtx (no plugin path) run the ops' ONNX function
       bodies, so these passes do not apply there.
-  cpu_gated_deltanet, cpu_moe (cpu lowerings, onnxruntime only; section "cpu" below): qcn ops -> ONNX
+  cpu_gated_deltanet, cpu_moe, cpu_rms_norm (cpu lowerings, onnxruntime only; section "cpu" below): qcn ops -> ONNX
       Runtime's fast CPU forms (docs/PASSES.md).
 Quantization (FP8/INT4), fusions and CPU
 lowerings are rows to add here: ``PassSpec(name, rule factory, modules)``, placed before
@@ -54,6 +54,7 @@ def cpu_lowerings() -> tuple[PassSpec, ...]:
     ops and ONNX Runtime CPU contrib ops, exact up to fp32 rounding against the function bodies."""
     from .cpu_gated_deltanet import CpuGatedDeltaNet
     from .cpu_moe import CpuMoE
+    from .cpu_rms_norm import CpuRmsNorm
 
     return (
         PassSpec(CpuGatedDeltaNet.pass_name, CpuGatedDeltaNet, ("onnxruntime",), ("qcn", CpuGatedDeltaNet.root_op),
@@ -61,6 +62,8 @@ def cpu_lowerings() -> tuple[PassSpec, ...]:
                  CPU_ONLY),
         PassSpec(CpuMoE.pass_name, CpuMoE, ("onnxruntime",), ("qcn", CpuMoE.root_op),
                  "qcn::MoE (float) -> only the selected experts (Unique + Gather + batched MatMul)", CPU_ONLY),
+        PassSpec(CpuRmsNorm.pass_name, CpuRmsNorm, ("onnxruntime",), ("", CpuRmsNorm.root_op),
+                 "the export's 7-op RMSNorm chain -> RMSNormalization (root: its last Mul)", CPU_ONLY),
     )
 
 
