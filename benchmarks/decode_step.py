@@ -9,7 +9,7 @@
 NOTE: written in a session WITHOUT a GPU. Only ``--dry-run`` (CPU, ``TRITON_INTERPRET=1``,
 tiny shapes) has been executed; the GPU mode (full sizes, CUDA graph, timings) has never run.
 
-Model (shared/design/FINDINGS.md, docs/OPS.md): 48 layers, hidden 2048, layer i is gated attention
+Model (docs/FINDINGS.md, docs/OPS.md): 48 layers, hidden 2048, layer i is gated attention
 when i % 4 == 3 (12 layers: 16 Q / 2 KV heads x 256, q_proj gives [q | gate] per head,
 q_norm/k_norm, RoPE rotate-half on the first 64 dims, output * sigmoid(gate)) and Gated
 DeltaNet otherwise (36 layers: Hk=16, Hv=32, Dk=Dv=128, conv K=4); every layer ends in a MoE
@@ -22,7 +22,7 @@ Per step (one new token for each of --batch sequences):
     matmuls. ``--proj bf16`` (default): bf16 weights, ``F.linear``. ``--proj fp8``: FP8 E4M3
     weights with one fp32 scale per matrix, activations quantised per tensor, run with
     ``torch._scaled_mm`` (bf16 out) IF a probe call on the device succeeds, else bf16 (the run
-    prints which); the router and lm_head stay bf16, as in FINDINGS' FP8 roofline;
+    prints which); the router and lm_head stay bf16, as in docs/FINDINGS.md' FP8 roofline;
   * GatedDeltaNet: ``qcn.compile.plugins.gated_deltanet.gated_deltanet_decode`` (fused conv +
     gating + recurrence on the fp32 state in place + gated RMSNorm). The conv state is
     double-buffered: even steps read buffer 0 and write buffer 1, odd steps the reverse, so two
@@ -95,9 +95,9 @@ TINY = dict(L=4, H=64, V=128, E=8, TOPK=2, I=32, IS=32, G=32,
             HK=1, HV=2, DK=16, DV=16, KC=4, HQ=4, KVH=2, D=32, ROT=8,
             THETA=10_000_000.0, EPS=1e-6, ATTN_EVERY=4)
 
-# shared/design/FINDINGS.md, "Roofline (batch-1 decode, one GPU)"
+# docs/FINDINGS.md, "Roofline (batch-1 decode, one GPU)"
 FINDINGS_ROOFLINE = (
-    "FINDINGS roofline (batch 1): active ~3.56B params/token; bytes/token BF16 7.1 GB, FP8 (router + lm_head "
+    "docs/FINDINGS.md roofline (batch 1): active ~3.56B params/token; bytes/token BF16 7.1 GB, FP8 (router + lm_head "
     "BF16) 3.9 GB, INT4 experts + FP8 rest 3.1 GB; DeltaNet state 151 MB/token; KV 24.6 KB per context token.\n"
     "  At 4K context, FP8: H100 (~3.0 TB/s copy) ~720 tok/s (~1.39 ms/token); H200 (~4.3 TB/s) ~1030 tok/s "
     "(~0.97 ms/token). Best published: 211 tok/s on 1x H200 FP8 (~20% of that bound).")
@@ -203,7 +203,7 @@ class DecodeModel:
 
         self.embed = init.randn(s["V"], H, std=1.0)
         self.final_norm = init.randn(H, std=0.1)
-        self.lm_head = Linear(init, s["V"], H, fp8=False)  # bf16, as in FINDINGS
+        self.lm_head = Linear(init, s["V"], H, fp8=False)  # bf16, as in docs/FINDINGS.md
         self.layers = []
         for i in range(n_layers):
             L = dict(kind="attn" if is_attn(i, s) else "gdn",

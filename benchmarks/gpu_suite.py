@@ -888,7 +888,7 @@ def run_decode(p, ctx):
         return
     r = ds.measure(model, ctx["bw"], use_graph=True, iters=ctx["iters"], warmup=ctx["warmup"])
     cat = r.pop("bytes_by_category")
-    # roofline as in FINDINGS (FP8 weights except router and lm_head): projections counted at one byte
+    # roofline as in docs/FINDINGS.md (FP8 weights except router and lm_head): projections counted at one byte
     fp8_bytes = r["bytes"] - (0 if info["proj_fp8"] else (cat["DeltaNet projections"] + cat["attention projections"]) / 2)
     fp8_bound_ms = fp8_bytes / ctx["bw"] * 1e3
     yield dict(row, **{k: v for k, v in r.items() if k != "routed"}, roofline_frac=r["bound_ms"] / r["ms"],

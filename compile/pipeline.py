@@ -25,6 +25,7 @@ from qcn.artifact import (FORMAT, FORMAT_VERSION, STAGES, ArtifactError, Checkpo
 
 from .artifacts import HashCache, atomic_dir, default_cache_path
 from .export.checkpoint import open_checkpoint
+from .export.fp8 import fp8_roles
 from .export.config import CheckpointError, ModelConfig, load_model_config
 from .export.modeling import rope_tables
 from .export.onnx_export import GRAPHS, export_graphs, state_layout
@@ -116,7 +117,8 @@ def compile_recipe(recipe: Recipe, *, progress: bool = False, out: Path | None =
         written = tmp
         paths = export_graphs(cfg, checkpoint, rope, tmp, activation_dtype=act, logits=recipe.export.logits,
                               opset=recipe.export.opset, progress=progress,
-                              allow_nonfinite=recipe.export.allow_nonfinite)
+                              allow_nonfinite=recipe.export.allow_nonfinite,
+                              fp8_roles=fp8_roles(recipe.quantization.weights, recipe.quantization.experts))
         for f in tokenizer.files:
             shutil.copyfile(ckpt_dir / f, tmp / f)
         graphs = {}
@@ -274,13 +276,33 @@ def passes_stage(recipe: Recipe, export_dir: Path, out: Path, inputs_sha256: str
     with atomic_dir(out, force=force, protect=[recipe.checkpoint]) as tmp:
         written = tmp
         section = run_passes(Path(export_dir), tmp, recipe.target_info.module, src, cache)
+        graphs, state = retyped_io(src, tmp)
         write_manifest(tmp, dataclasses.replace(
-            src, stage="passes", passes=section, inputs_sha256=inputs_sha256,
+            src, stage="passes", passes=section, inputs_sha256=inputs_sha256, graphs=graphs, state=state,
             created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             files=files_section(tmp, cache)))
     cache.moved(written, out)
     log.info("wrote %s", out)
     return out
+
+
+def retyped_io(src: Manifest, out: Path) -> tuple[dict[str, GraphSpec], tuple[StateSpec, ...]]:
+    """The graphs' inputs/outputs and the state dtypes as the passes left them in ``out``: a pass
+    may retype graph I/O (the FP8 KV cache: past_key.i / new_key.i become float8_e4m3fn), and the
+    runtime allocates its buffers from the manifest. A state's dtype is its graph input's."""
+    graphs = {}
+    for name, g in src.graphs.items():
+        proto = onnx.load(str(Path(out) / g.file), load_external_data=False)
+        graphs[name] = dataclasses.replace(g, inputs=_io(proto.graph.input), outputs=_io(proto.graph.output))
+    first = next(iter(graphs.values()))
+    dtypes = {t.name: t.dtype for t in first.inputs}
+    for g in graphs.values():
+        for t in g.outputs:
+            s = next((s for s in src.state if s.output == t.name), None)
+            if s is not None and dtypes.get(s.input) != t.dtype:
+                raise RecipeError(f"passes left state {s.input!r} as {dtypes.get(s.input)} but graph {g.file} "
+                                  f"returns {t.name!r} as {t.dtype}")
+    return graphs, tuple(dataclasses.replace(s, dtype=dtypes.get(s.input, s.dtype)) for s in src.state)
 
 
 @dataclasses.dataclass

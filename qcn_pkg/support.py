@@ -11,11 +11,12 @@ from collections.abc import Iterable
 
 __all__ = ["STATE_DTYPES", "state_dtype_problems", "token_id_problems", "tokenizer_vocab_problems"]
 
-# runtime backend -> dtypes its state buffers can hold. The onnxruntime backend feeds numpy
-# arrays (numpy has no bfloat16); TensorRT binds device buffers of any engine dtype.
+# runtime backend -> dtypes its state buffers can hold. The onnxruntime backend binds numpy
+# buffers (numpy has no bfloat16; an FP8 KV cache is uint8 bytes bound as float8e4m3fn);
+# TensorRT binds device buffers of any engine dtype.
 STATE_DTYPES: dict[str, tuple[str, ...]] = {
-    "onnxruntime": ("float32", "float16"),
-    "tensorrt": ("float32", "float16", "bfloat16"),
+    "onnxruntime": ("float32", "float16", "float8_e4m3fn"),
+    "tensorrt": ("float32", "float16", "bfloat16", "float8_e4m3fn"),
 }
 
 

@@ -36,10 +36,14 @@ from .manifest import Manifest, StateSpec, numpy_dtype
 __all__ = ["StateStore", "StateSnapshot", "HostStateStore", "state_layout", "contiguous_runs", "host_dtype"]
 
 
+_RAW = {"bfloat16": np.uint16, "float8_e4m3fn": np.uint8}  # dtypes numpy lacks -> their bit patterns
+
+
 def host_dtype(name: str, where: str = "dtype") -> np.dtype:
     """The numpy dtype a state of manifest dtype ``name`` has on the host (in snapshots):
-    bfloat16, which numpy lacks, travels as its raw 16-bit patterns (uint16)."""
-    return np.dtype(np.uint16) if name == "bfloat16" else numpy_dtype(name, where)
+    bfloat16 and float8_e4m3fn (an FP8 KV cache), which numpy lacks, travel as their raw bit
+    patterns (uint16, uint8)."""
+    return np.dtype(_RAW[name]) if name in _RAW else numpy_dtype(name, where)
 
 
 @runtime_checkable

@@ -72,6 +72,9 @@ def test_pipeline_builds_one_engine_for_sm89_and_sm120(built):
     b = m["build"]
     assert (b["module"], b["module_version"], b["target"]) == ("tensorrt_rtx", tensorrt_rtx.__version__, "rtx_sm89")
     assert b["plugins"] == [] and b["profile_mode"] == "single" and b["runtime_cache"] == "model.runtime_cache"
+    # the builder's layer report: an unquantized fp32 model has fp32 GEMMs only (tests/test_engine_layers.py: FP8/INT4)
+    layers = json.loads((recipe.output / b["layers"]["file"]).read_text())["layers"]
+    assert b["layers"]["count"] == len(layers) and set(b["layers"]["gemms"]) == {"float32"}, b["layers"]
     assert (m["stage"], m["runtime"]["backend"]) == ("build", "tensorrt")
     assert sorted(m["files"]) == sorted(p.name for p in recipe.output.iterdir() if p.name != "manifest.json")
     for name, digest in m["files"].items():

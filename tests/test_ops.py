@@ -12,6 +12,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.models.qwen3_next import modeling_qwen3_next as hf
 
 from qcn.compile.plugins.attention.op import OP as ATTENTION
+from qcn.compile.plugins.attention.reference import cached_attention_reference
 from qcn.compile.plugins.gated_deltanet.op import OP as GDN
 from qcn.compile.plugins.moe.op import OP as MOE
 
@@ -226,3 +227,50 @@ def test_attention_reference_vs_transformers_eager():
     mask = torch.full((T, P + T), float("-inf")).triu(P + 1)[None, None]
     ref, _ = hf.eager_attention_forward(M(), inputs["q"].transpose(1, 2), keys, values, mask, scaling=D ** -0.5)
     _close(ours, ref, 1e-5)
+
+
+def _fp8_cache(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return (x / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+
+
+@pytest.mark.parametrize("B,T,Hq,KVH,D,P,lens", [(2, 5, 4, 2, 6, 9, [0, 9]), (3, 1, 3, 1, 5, 4, [4, 1, 2]),
+                                                 (2, 3, 6, 2, 7, 130, [65, 130])])
+def test_attention_fp8_cache_body_vs_reference(B, T, Hq, KVH, D, P, lens):
+    """FP8 caches with per-tensor scales (value = fp8 * scale, the decode kernel's convention):
+    the op's fp8 body in ORT equals the reference that dequantizes the cache, and differs from
+    reading the same bytes with scale 1 (the scales are used)."""
+    from qcn.compile.plugins.attention.op import function_proto
+
+    inputs = _attn_inputs(torch.Generator().manual_seed(3 * P + T), B, T, Hq, KVH, D, P)
+    ks, vs = 0.013, 0.0071
+    inputs["past_key"] = _fp8_cache(inputs["past_key"] * 3, ks)
+    inputs["past_value"] = _fp8_cache(inputs["past_value"] * 2, vs)
+    inputs["past_len"] = torch.tensor(lens, dtype=torch.int64)
+    inputs["k_scale"], inputs["v_scale"] = torch.tensor([ks]), torch.tensor([vs])
+    fp8_body = function_proto(23, fp8_cache=True)
+    out = run_op_in_ort(ATTENTION, inputs, dict(scale=D ** -0.5), [4], function=fp8_body)[0]
+    ref = cached_attention_reference(*(inputs[k] for k in ("q", "k", "v", "past_key", "past_value", "past_len")),
+                                     k_scale=ks, v_scale=vs, softmax_scale=D ** -0.5, compute_dtype=torch.float32)
+    _close(out, ref, 1e-5)
+    if max(lens):
+        wrong = cached_attention_reference(*(inputs[k] for k in ("q", "k", "v", "past_key", "past_value", "past_len")),
+                                           softmax_scale=D ** -0.5, compute_dtype=torch.float32)
+        assert (torch.from_numpy(out) - wrong).abs().max() > 1e-2
+
+
+def test_attention_fp8_cache_garbage_beyond_past_len_never_leaks():
+    """FP8 NaN bytes (0x7f) in the unused cache rows: the output equals the one with zeros there."""
+    from qcn.compile.plugins.attention.op import function_proto
+
+    inputs = _attn_inputs(torch.Generator().manual_seed(9), 2, 2, 4, 2, 6, 8)
+    inputs["past_key"], inputs["past_value"] = _fp8_cache(inputs["past_key"], 0.01), _fp8_cache(inputs["past_value"], 0.02)
+    inputs["past_len"] = torch.tensor([3, 5])
+    inputs["k_scale"], inputs["v_scale"] = torch.tensor([0.01]), torch.tensor([0.02])
+    body = function_proto(23, fp8_cache=True)
+    clean = {k: v.clone() for k, v in inputs.items()}
+    for b, n in enumerate([3, 5]):
+        for name in ("past_key", "past_value"):
+            clean[name][b, :, n:] = 0
+            inputs[name].view(torch.uint8)[b, :, n:] = 0x7F
+    a = run_op_in_ort(ATTENTION, inputs, dict(scale=0.3), [4], function=body)[0]
+    np.testing.assert_array_equal(a, run_op_in_ort(ATTENTION, clean, dict(scale=0.3), [4], function=body)[0])

@@ -240,7 +240,7 @@ def test_no_lowering_on_cpu_or_rtx(module):
     lowered, res = lower_all(m, module)
     assert lowered is m
     assert all(r == {"op_nodes": 1, "rewritten": 0} for r in res.values()), res
-    assert all(why for p, why in plan_for(module) if p.name in OP_PASS.values())  # no TensorRT plugin lowering
+    assert all(why for p, why in plan_for(module) if p.name in OP_PASS.values())  # fusions may run there
 
 
 def test_shape_inference_failure_is_an_error_not_a_weaker_check():
@@ -294,3 +294,35 @@ def test_exported_tiny_graph(tiny_prefill, trt_stub):
         known |= set(n.output)
     # the weights stay external references to the export's weights.bin
     assert {e.value for i in lowered.graph.initializer for e in i.external_data if e.key == "location"} == {"weights.bin"}
+
+
+def test_attention_with_fp8_caches_lowers_to_the_fp8_split_kernel(trt_stub):
+    """A node reading FP8 caches (the kv_fp8 pass's: overload "fp8", k_scale / v_scale inputs)
+    lowers to decode_split_fp8(q, past_key, past_value, past_len, k_scale, v_scale), checked
+    against the registered descriptor; without its scales it is refused."""
+    FP8 = onnx.TensorProto.FLOAT8E4M3FN
+    node, ins, outs = attn_node("_8")
+    node.input.extend(["k_scale_8", "v_scale_8"])
+    node.overload = attn_op.FP8_OVERLOAD
+    for v in ins:
+        if v.name.startswith("past_key") or v.name.startswith("past_value"):
+            v.type.tensor_type.elem_type = FP8
+    ins += [vi("k_scale_8", F32, [1]), vi("v_scale_8", F32, [1])]
+    m = model_of((node, ins, outs))
+    m.functions.append(attn_op.function_proto(OPSET, fp8_cache=True))
+    onnx.checker.check_model(m)
+    shapes = shapes_of(m)
+    lowered, r = lower_all(m)
+    assert counts(r["CachedAttention"]) == {"matched": 1, "rewritten": 1, "refused": 0, "new_nodes": 2}
+    split = next(n for n in lowered.graph.node if n.op_type == "decode_split_fp8")
+    assert list(split.input) == ["q_8", "past_key_8", "past_value_8", "past_len_8", "k_scale_8", "v_scale_8"]
+    P.register_plugins(plugins_section(r), 89)
+    assert check_against_registry(lowered, shapes, trt_stub) == {"qcn_attn::decode_split_fp8", "qcn_attn::decode_reduce"}
+    # the same FP8 caches without their scales: refused, left to the function body
+    node2, ins2, outs2 = attn_node("_n")
+    for v in ins2:
+        if v.name.startswith(("past_key", "past_value")):
+            v.type.tensor_type.elem_type = FP8
+    model = to_ir(helper.make_model(helper.make_graph([node2], "g", ins2, outs2), opset_imports=m.opset_import), "g")
+    res = apply(LowerCachedAttention(), model)
+    assert res.counts()["rewritten"] == 0 and "k_scale and v_scale" in res.refused[0][1]

@@ -79,7 +79,7 @@ def test_real_model_numbers():
     assert 77e9 < n["routed_experts"] < 77.5e9
     r = load_recipe("recipes/h200_fp8.yaml")
     lines = {x.item: x for x in compute_budget(r, cfg).lines}
-    # FINDINGS: KV 24.6 KB per context token (BF16); DeltaNet state 32x128x128 fp32 per layer
+    # docs/FINDINGS.md: KV 24.6 KB per context token (BF16); DeltaNet state 32x128x128 fp32 per layer
     assert "24576 B/token" in lines["KV cache"].detail
     per_slot = 36 * (32 * 128 * 128 * 4 + 8192 * 3 * 2)
     assert lines["DeltaNet state (x2, ping-pong)"].gib == pytest.approx(2 * per_slot * 8 / 2**30)

@@ -359,7 +359,7 @@ def test_ort_store_binds_the_cache_in_place(art, backend, monkeypatch):
 
     bound = {}
     real_bind = ort_state._bind
-    monkeypatch.setattr(ort_state, "_bind", lambda f, name, a: (bound.__setitem__(name, a.ctypes.data), real_bind(f, name, a))[1])
+    monkeypatch.setattr(ort_state, "_bind", lambda f, name, a, *elem: (bound.__setitem__(name, a.ctypes.data), real_bind(f, name, a, *elem))[1])
     s = new_session(art, backend)
     hs = [s.allocate() for _ in range(3)]
     for h in hs:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import logging
 import shutil
 import tempfile
@@ -25,6 +26,7 @@ from qcn.artifact import (ArtifactError, BuildSection, GraphSpec, Manifest, Netw
 
 from ..artifacts import atomic_dir
 from ..recipe import Recipe, RecipeError
+from . import layers as layersb
 from . import trt as trtb
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 ENGINE = "model.engine"
 TIMING_CACHE = "model.timing_cache"
 RUNTIME_CACHE = "model.runtime_cache"
+LAYERS = "engine_layers.json"  # the builder's layer report, parsed (compile/build/layers.py)
 SOURCE_GRAPH = "prefill"  # T dynamic: serves decode (T = 1) as well
 
 
@@ -125,7 +128,7 @@ def build_stage(recipe: Recipe, onnx_dir: Path, out: Path, *, module_version: st
 
     with tempfile.TemporaryDirectory(prefix="qcn-build-") as scratch:
         new_cache = Path(scratch) / TIMING_CACHE if target.module == "tensorrt" else None
-        engine, seconds = trtb.engine_bytes(trt, network_and_check, config, save_timing_cache=new_cache)
+        engine, seconds, report = trtb.engine_bytes(trt, network_and_check, config, save_timing_cache=new_cache)
         cache = new_cache.read_bytes() if new_cache is not None and new_cache.is_file() else None
     header = parse_header(engine)
     version = module_version or trt.__version__
@@ -135,11 +138,19 @@ def build_stage(recipe: Recipe, onnx_dir: Path, out: Path, *, module_version: st
         if not version.startswith(header.version):
             raise trtb.BuildError(f"engine header says TensorRT-RTX {header.version}, the module is {version}")
     log.info("built %s for %s in %.1fs (%.1f MB)", ENGINE, recipe.target, seconds, len(engine) / 1e6)
+    layers = layersb.parse_layer_report(report) if report is not None else None
+    if layers is None:
+        log.warning("%s logged no layer report: the engine's layers and GEMM precisions are not recorded", trt.__name__)
+    else:
+        log.info("engine layers: %s", layersb.summary(layers))
 
     with atomic_dir(out, force=force, protect=[recipe.checkpoint]) as tmp:
         (tmp / ENGINE).write_bytes(engine)
         if cache:
             (tmp / TIMING_CACHE).write_bytes(cache)
+        if layers is not None:
+            (tmp / LAYERS).write_text(json.dumps({"source": f"{trt.__name__} {version} builder layer report",
+                                                  "layers": layers}, indent=1))
         for f in src.tokenizer.files + ((src.passes.report,) if src.passes.report else ()):
             shutil.copyfile(Path(onnx_dir) / f, tmp / f)  # tokenizer; the passes report (what was lowered)
         recipe_dict = recipe.to_dict()
@@ -156,7 +167,7 @@ def build_stage(recipe: Recipe, onnx_dir: Path, out: Path, *, module_version: st
                            for i, p in enumerate(profiles)),
             graph_profile={g: i for i, p in enumerate(profiles) for g in p.graphs},
             # read from the parsed network the engine was built from: no engine can be
-            # deserialized without a GPU (FINDINGS.md)
+            # deserialized without a GPU (docs/FINDINGS.md)
             io=from_json(NetworkIO, io_box["io"], "network io"), io_source="network",
             # tensorrt_rtx: none, qcn ops are inlined from their ONNX function bodies
             plugins=tuple(plugins),
@@ -166,6 +177,7 @@ def build_stage(recipe: Recipe, onnx_dir: Path, out: Path, *, module_version: st
             runtime_cache=RUNTIME_CACHE if target.module == "tensorrt_rtx" else None,
             build_seconds=round(seconds, 2),
             budget=budget,
+            layers=dict(layersb.summary(layers), file=LAYERS) if layers is not None else None,
         )
         manifest = dataclasses.replace(
             src, stage="build",

@@ -69,6 +69,12 @@ class CollectingLogger:
             def errors(self) -> list[str]:
                 return [m for s, m in self.messages if s <= 1]
 
+            def layer_report(self) -> str | None:
+                """The builder's per-layer report of the engine (compile/build/layers.py)."""
+                from .layers import find_layer_report
+
+                return find_layer_report(self.messages)
+
         return _Logger()
 
 
@@ -233,9 +239,11 @@ def create_config(trt, profiles: Sequence[Profile], *, workspace_gib: float = 2.
                              load_timing_cache=str(timing_cache) if timing_cache else None, **common)
 
 
-def engine_bytes(trt, network, config, *, save_timing_cache: Path | None = None) -> tuple[bytes, float]:
-    """(serialized engine, build seconds) with Polygraphy's EngineBytesFromNetwork; ``network``
-    is a loader returning (builder, network, parser, logger). A failed build is a BuildError
+def engine_bytes(trt, network, config, *, save_timing_cache: Path | None = None) -> tuple[bytes, float, str | None]:
+    """(serialized engine, build seconds, the builder's layer report or None) with Polygraphy's
+    EngineBytesFromNetwork; ``network`` is a loader returning (builder, network, parser, logger).
+    The layer report is the builder's VERBOSE ``Layers:`` message (Polygraphy sets profiling
+    verbosity DETAILED; compile/build/layers.py parses it). A failed build is a BuildError
     carrying TensorRT's error messages."""
     from polygraphy.exception import PolygraphyException
 
@@ -255,4 +263,4 @@ def engine_bytes(trt, network, config, *, save_timing_cache: Path | None = None)
     except PolygraphyException as e:
         errors = box["ret"][3].errors() if "ret" in box else []
         raise BuildError(f"{trt.__name__} failed to build the engine:\n  " + "\n  ".join(errors or [str(e)])) from e
-    return bytes(data), time.perf_counter() - t0
+    return bytes(data), time.perf_counter() - t0, box["ret"][3].layer_report()

@@ -22,6 +22,7 @@ import torch
 from ..plugins.onnx_function import DOMAIN, DOMAIN_VERSION
 from ..plugins.registry import OPS
 from .config import ModelConfig
+from .fp8 import emit_fp8, initializer_names, kept_fp8
 from .modeling import QcnModel, RopeTables
 from .weights_file import WeightsWriter
 
@@ -88,13 +89,23 @@ class InitializerSource:
     """Streams the graphs' initializers into weights.bin (a `WeightsWriter`), each written once:
     checkpoint weights chunk by chunk from the weight map, constants (RoPE tables) as they are."""
 
-    def __init__(self, writer: WeightsWriter, model: QcnModel, checkpoint, rope: RopeTables, progress: bool = False):
+    def __init__(self, writer: WeightsWriter, model: QcnModel, checkpoint, rope: RopeTables, progress: bool = False,
+                 fp8: dict | None = None):
         self.writer, self.model, self.checkpoint = writer, model, checkpoint
         self.specs = {s.name: s for s in model.specs}
+        self.fp8 = initializer_names(fp8 or {})  # FP8 weights kept as the checkpoint stores them (fp8.py)
         self.constants = model.constant_tensors(rope)
         self.progress = progress
 
     def _write(self, name: str, shape: list[int]):
+        if name in self.fp8:
+            spec, part = self.fp8[name]
+            if part == "weight":
+                return self.writer.write(name, spec.fp8_chunks(self.checkpoint))
+            scale = spec.fp8_scale(self.checkpoint)
+            if list(scale.shape) != shape:
+                raise ValueError(f"initializer {name}: graph expects {shape}, the weight map gives {list(scale.shape)}")
+            return self.writer.write(name, scale)
         if name in self.specs:
             spec = self.specs[name]
             if list(spec.shape) != shape:
@@ -112,8 +123,12 @@ class InitializerSource:
 
         items = list(model.graph.initializers.items())
         for name, value in tqdm(items, desc="weights", unit="tensor", disable=not self.progress or not items):
-            loc = self.writer.locations.get(name) or self._write(name, [d for d in value.shape])
-            value.const_value = loc.ir_tensor(value, base_dir=out_dir)
+            self.attach_value(value, out_dir)
+
+    def attach_value(self, value: ir.Value, out_dir: Path) -> None:
+        """Point one initializer `value` at its bytes in weights.bin (writing them the first time)."""
+        loc = self.writer.locations.get(value.name) or self._write(value.name, [d for d in value.shape])
+        value.const_value = loc.ir_tensor(value, base_dir=out_dir)
 
 
 def _trace(model: QcnModel, layout, dynamic_tokens: bool, opset: int) -> ir.Model:
@@ -146,8 +161,13 @@ def _finish(model: ir.Model, opset: int) -> onnx.ModelProto:
 
 
 def export_graphs(cfg: ModelConfig, checkpoint, rope: RopeTables, out_dir: Path, *, activation_dtype: str,
-                  logits: str, opset: int, progress: bool = False, allow_nonfinite: bool = False) -> dict[str, Path]:
+                  logits: str, opset: int, progress: bool = False, allow_nonfinite: bool = False,
+                  fp8_roles: frozenset[str] = frozenset()) -> dict[str, Path]:
     """Write prefill.onnx, decode.onnx and weights.bin into `out_dir`; return the graph paths.
+
+    `fp8_roles` (fp8.fp8_roles of the recipe): weights of these roles that the checkpoint
+    stores as FP8 blocks (the official FP8 release) are exported as their FP8 bytes plus
+    1 x b block scales behind a DequantizeLinear (fp8.py); the rest are dequantized on load.
 
     Weights stream from the checkpoint into weights.bin one tensor (one expert of a stacked
     expert tensor) at a time: peak memory is set by the largest tensor, not by the model.
@@ -158,10 +178,14 @@ def export_graphs(cfg: ModelConfig, checkpoint, rope: RopeTables, out_dir: Path,
     model = QcnModel(cfg, rope, DTYPES[activation_dtype], logits=logits, device="meta").eval()
     paths = {}
     with WeightsWriter(out_dir / WEIGHTS_FILE, allow_nonfinite=allow_nonfinite) as writer:
-        source = InitializerSource(writer, model, checkpoint, rope, progress)
+        kept = kept_fp8(model.specs, checkpoint, fp8_roles)
+        source = InitializerSource(writer, model, checkpoint, rope, progress, fp8=kept)
         for graph in GRAPHS:
             log.info("exporting %s graph", graph)
             ir_model = _trace(model, layout, dynamic_tokens=(graph == "prefill"), opset=opset)
+            if kept:
+                emit_fp8(ir_model, kept, checkpoint.block_size[1], activation_dtype, opset,
+                         attach=lambda v: source.attach_value(v, out_dir))
             source.attach(ir_model, out_dir)
             writer.flush()
             proto = _finish(ir_model, opset)

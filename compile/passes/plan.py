@@ -9,8 +9,8 @@ Today's table (docs/PASSES.md):
       qcn ops -> the ops' AOT TensorRT plugins (the op registry's rows, plugins/registry.py).
       onnxruntime (target cpu) and tensorrt_rtx (no plugin path) run the ops' ONNX function
       bodies, so these passes do not apply there.
-  cpu_gated_deltanet, cpu_moe, cpu_rms_norm (cpu lowerings, onnxruntime only; section "cpu" below): qcn ops -> ONNX
-      Runtime's fast CPU forms (docs/PASSES.md).
+  fuse_rms_norm (fusions, rtx), cpu_gated_deltanet, cpu_moe (cpu lowerings): onnxruntime rows
+      (docs/PASSES.md).
 Quantization (FP8/INT4), fusions and CPU
 lowerings are rows to add here: ``PassSpec(name, rule factory, modules)``, placed before
 the plugin lowerings (a lowering must see the final weight formats).
@@ -36,25 +36,41 @@ class PassSpec:
     modules: tuple[str, ...]                  # target modules the pass runs for
     root: tuple[str, str]                     # (domain, op_type) its pattern roots at
     summary: str
-    reasons: Mapping[str, str] = field(default_factory=lambda: WHY_NOT)  # module -> why the pass does not run there
+    reasons: Mapping[str, str] = field(default_factory=dict)  # module -> why the pass does not run there
 
     def why_not(self, module: str) -> str | None:
         """None when the pass runs for ``module``; otherwise the reason it does not."""
         if module in self.modules:
             return None
-        return self.reasons.get(module, f"runs for {list(self.modules)} only, not {module}")
+        return self.reasons.get(module) or WHY_NOT.get(module, f"runs for {list(self.modules)} only, not {module}")
 
+
+# --- fusions (rtx): first, before quantization (a quantization rule sees fused MatMuls) ----------
+# Each is kept because it measurably helps a backend; docs/PASSES.md "Fusions" has the numbers.
+
+def fusions() -> tuple[PassSpec, ...]:
+    from .fuse_rms_norm import FuseRmsNorm
+
+    return (
+        PassSpec("fuse_rms_norm", FuseRmsNorm, ("onnxruntime",), ("", "Mul"),
+                 "the export's 7-node RMSNorm -> opset-23 RMSNormalization",
+                 reasons={"tensorrt_rtx": "no gain measured: TensorRT-RTX fuses the 7-node form itself (the tiny "
+                                          "model's engine has 177 layers with or without this pass)",
+                          "tensorrt": "not verified: full TensorRT cannot be installed here"}),
+    )
+
+
+# --- CPU lowerings (cpu): after fusions and quantization, before the plugin lowerings ----------
+# qcn ops -> fast forms of standard ONNX ops and ONNX Runtime CPU contrib kernels, equal to the
+# function bodies to fp32 rounding (tests/test_cpu_lowering.py); docs/PASSES.md "cpu lowerings".
 
 CPU_ONLY = {m: "a CPU lowering: its fast forms are ONNX Runtime CPU kernels (this target keeps the op for its own "
               "lowering or parser)" for m in ("tensorrt", "tensorrt_rtx")}
 
 
 def cpu_lowerings() -> tuple[PassSpec, ...]:
-    """The cpu target's lowerings (compile/passes/cpu_*.py): qcn ops -> fast forms of standard ONNX
-    ops and ONNX Runtime CPU contrib ops, exact up to fp32 rounding against the function bodies."""
     from .cpu_gated_deltanet import CpuGatedDeltaNet
     from .cpu_moe import CpuMoE
-    from .cpu_rms_norm import CpuRmsNorm
 
     return (
         PassSpec(CpuGatedDeltaNet.pass_name, CpuGatedDeltaNet, ("onnxruntime",), ("qcn", CpuGatedDeltaNet.root_op),
@@ -62,18 +78,15 @@ def cpu_lowerings() -> tuple[PassSpec, ...]:
                  CPU_ONLY),
         PassSpec(CpuMoE.pass_name, CpuMoE, ("onnxruntime",), ("qcn", CpuMoE.root_op),
                  "qcn::MoE (float) -> only the selected experts (Unique + Gather + batched MatMul)", CPU_ONLY),
-        PassSpec(CpuRmsNorm.pass_name, CpuRmsNorm, ("onnxruntime",), ("", CpuRmsNorm.root_op),
-                 "the export's 7-op RMSNorm chain -> RMSNormalization (root: its last Mul)", CPU_ONLY),
     )
 
 
 def pass_table() -> tuple[PassSpec, ...]:
     from ..plugins.registry import OPS
 
-    cpu = cpu_lowerings()
-    trt = tuple(PassSpec(e.lowering.pass_name, e.lowering, ("tensorrt",), (e.lowering.root_domain, e.lowering.root_op),
-                         f"qcn::{e.name} -> its TensorRT AOT plugins") for e in OPS)
-    return cpu + trt
+    return fusions() + cpu_lowerings() + tuple(
+        PassSpec(e.lowering.pass_name, e.lowering, ("tensorrt",), (e.lowering.root_domain, e.lowering.root_op),
+                 f"qcn::{e.name} -> its TensorRT AOT plugins") for e in OPS)
 
 
 def plan_for(module: str) -> list[tuple[PassSpec, str | None]]:

@@ -113,7 +113,7 @@ def run_passes(export_dir: Path, out: Path, module: str, src_manifest: Manifest,
     plugins = {}
     for row in rows:
         r = row["graphs"].get("prefill", {})
-        if r.get("rewritten"):
+        if r.get("rewritten") and r.get("plugins"):  # a plugin lowering (fusions/quantization use no plugin)
             plugins[row["pass"]] = {"config": r["config"], "plugins": r["plugins"]}
     keep = ("op_nodes", "matched", "rewritten", "refused", "new_nodes")
     return PassesSection(run=tuple(r["pass"] for r in rows if r["runs"]), module=module, report=REPORT,

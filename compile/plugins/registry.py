@@ -41,7 +41,8 @@ def _register_attention(cc: int, config: dict) -> None:
 
     cfg = dict(config)
     act = cfg.pop("act")
-    trt_plugin.register_attention_plugins(cc, act=act, caches=(act,), **cfg)
+    cache = cfg.pop("cache", act)  # "fp8": the FP8-cache split kernel (kv_fp8 pass)
+    trt_plugin.register_attention_plugins(cc, act=act, caches=(cache,), **cfg)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """What can be read from a serialized TensorRT-RTX engine without a GPU: its 64-byte header.
 
-Nothing can deserialize an engine without a GPU (FINDINGS.md; `Runtime.get_engine_validity`
+Nothing can deserialize an engine without a GPU (docs/FINDINGS.md; `Runtime.get_engine_validity`
 also needs one). The header layout below was read off engines that tensorrt_rtx 1.7.1 built
 here (SM75..SM121, one and two compute capabilities); it is not a documented format, so a
 header we cannot parse is reported as "unknown", never as a broken engine:

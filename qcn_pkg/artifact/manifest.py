@@ -287,6 +287,8 @@ class BuildSection(Frozen):
     runtime_cache: str | None = checked(_relpath, "a file name or null", default=None)
     build_seconds: float | None = None
     budget: Any = None
+    # the engine's layers from the builder's report: {file, count, types, gemms: {precision: n}}
+    layers: Any = None
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ import numpy as np
 from ..errors import BackendError
 from ..state import _Layout, contiguous_runs
 from ..manifest import numpy_dtype
+from qcn.artifact import DTYPES
 
 __all__ = ["OrtStateStore"]
 
@@ -60,6 +61,9 @@ class OrtStateStore:
             kvh, _, d = s.shape
             self._cache[s.input] = np.zeros((slots, kvh, self.capacity, d), dtype=lay.dtype[s.input])
         self._extent = np.zeros(slots, dtype=np.int64)  # positions of each slot's cache that hold K/V
+        # what ONNX Runtime is told a buffer holds: its ONNX type where numpy has no such dtype
+        # (an FP8 KV cache: uint8 buffers bound as float8e4m3fn), else the numpy type
+        self._elem = {s.input: _elem_type(s.dtype, lay.dtype[s.input]) for s in m.state}
         self._io = {}
         self._bound: dict[str, tuple] = {}  # graph -> what its IOBinding holds (rebinding costs ~35 Python calls)
         self._extra_outputs = {g: [n for n in backend.output_names(g) if n not in spec.output_names]
@@ -159,11 +163,11 @@ class OrtStateStore:
             _bind(io.bind_input, "input_ids", ids_buf)
             _bind(io.bind_input, "past_len", lens_buf)
             for s in lay.carried:
-                _bind(io.bind_input, s.input, self._carried[s.input][sl])
-                _bind(io.bind_output, s.output, self._carried_out[s.input][:span])
+                _bind(io.bind_input, s.input, self._carried[s.input][sl], self._elem[s.input])
+                _bind(io.bind_output, s.output, self._carried_out[s.input][:span], self._elem[s.input])
             for s in lay.cache:
-                _bind(io.bind_input, s.input, self._cache[s.input][sl])
-                _bind(io.bind_output, s.output, new_views[s.input])
+                _bind(io.bind_input, s.input, self._cache[s.input][sl], self._elem[s.input])
+                _bind(io.bind_output, s.output, new_views[s.input], self._elem[s.input])
             _bind(io.bind_output, "logits", lg)
             for name in self._extra_outputs.get(graph, ()):
                 io.bind_output(name, "cpu")
@@ -204,8 +208,16 @@ class OrtStateStore:
         self._new.clear()
 
 
-def _bind(bind, name: str, a: np.ndarray) -> None:
-    """Bind a C-contiguous host array by address (ONNX Runtime reads/writes it in place)."""
+def _elem_type(name: str, host: np.dtype):
+    """IOBinding element type of a state of manifest dtype ``name`` held as ``host``: the numpy
+    type, or the ONNX elem type (an int) where the host buffer holds raw bits (float8_e4m3fn)."""
+    d = DTYPES[name]
+    return host.type if d.numpy is not None else d.onnx
+
+
+def _bind(bind, name: str, a: np.ndarray, elem=None) -> None:
+    """Bind a C-contiguous host array by address (ONNX Runtime reads/writes it in place);
+    ``elem``: what the bytes are (default: the array's numpy type)."""
     if not a.flags.c_contiguous:
         raise BackendError(f"internal error: {name!r} binding is not contiguous")
-    bind(name, "cpu", 0, a.dtype.type, list(a.shape), a.ctypes.data)
+    bind(name, "cpu", 0, a.dtype.type if elem is None else elem, list(a.shape), a.ctypes.data)

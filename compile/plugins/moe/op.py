@@ -4,8 +4,17 @@ Shapes (docs/OPS.md): N tokens (= B*T), H hidden, E experts, I expert width, Is 
     x [N, H], router_weight [E, H], gate_up [E, 2I, H] (gate rows first), down [E, H, I],
     shared_gate_up [2Is, H] (gate rows first), shared_down [H, Is], shared_gate [1, H]
  -> y [N, H] = sum_k p_k * expert_k(x) + sigmoid(x . shared_gate) * shared_expert(x)
-Attributes: top_k, norm_topk_prob (0/1), weight_format ("float": unquantized; the quantized
-formats arrive with the quantization passes and are rejected until then).
+Attributes: top_k, norm_topk_prob (0/1), weight_format ("float": unquantized, as exported;
+"int4": made by the INT4 pass, docs/OPS.md).
+
+Weight formats are ONNX function overloads (IR v10): a node with weight_format F has
+``overload`` F ("" for "float", as exported) and the model carries one body per format it uses,
+so float and quantized MoE layers can share a graph (``quantization.keep``). A quantized body
+dequantizes its weights to the activation dtype and then is the float body:
+  "int4"  gate_up, down, shared_gate_up, shared_down are INT4 [.., R, K] (symmetric, no zero
+          point) with the optional inputs gate_up_scale .. shared_down_scale [.., R, ceil(K/128)]
+          in the activation dtype: W[.., r, k] = q[.., r, k] * scale[.., r, k // 128]
+          (DequantizeLinear axis=-1, block_size=128; a final partial group allowed).
 
 Router as transformers' Qwen3NextTopKRouter: logits in the activation dtype, softmax over E in
 fp32, top-k, renormalised when norm_topk_prob, then cast to the activation dtype.
@@ -31,13 +40,28 @@ from ..onnx_function import DOMAIN, DOMAIN_VERSION, FunctionBuilder, QcnOp, regi
 from .reference import moe_reference
 
 OP_NAME = "MoE"
-WEIGHT_FORMATS = ("float",)
+WEIGHT_FORMATS = ("float", "int4")
 INPUTS = ["x", "router_weight", "gate_up", "down", "shared_gate_up", "shared_down", "shared_gate"]
+QUANTIZED = ["gate_up", "down", "shared_gate_up", "shared_down"]
+SCALE_INPUTS = [f"{n}_scale" for n in QUANTIZED]
+INT4_GROUP = 128
+
+
+def overload(weight_format: str) -> str:
+    """The function overload a node of ``weight_format`` calls ("" = the exported float body)."""
+    return "" if weight_format == "float" else weight_format
 
 
 def _check_format(weight_format: str) -> None:
     if weight_format not in WEIGHT_FORMATS:
         raise ValueError(f"qcn::MoE weight_format {weight_format!r} is not supported yet; valid: {WEIGHT_FORMATS}")
+
+
+def _check_torch_format(weight_format: str) -> None:
+    _check_format(weight_format)
+    if weight_format != "float":
+        raise ValueError(f"qcn::MoE weight_format {weight_format!r}: the torch op (export) takes float weights; "
+                         "quantized formats are made by the passes stage")
 
 
 @torch.library.custom_op("qcn::moe", mutates_args=())
@@ -47,14 +71,14 @@ def moe(
     top_k: int, norm_topk_prob: bool, weight_format: str,
 ) -> torch.Tensor:
     """The naive reference (reference.moe_reference) in the op's own precision."""
-    _check_format(weight_format)
+    _check_torch_format(weight_format)
     return moe_reference(x, router_weight, gate_up, down, shared_gate_up, shared_down, shared_gate, top_k,
                          norm_topk_prob, compute_dtype=None)
 
 
 @moe.register_fake
 def _(x, router_weight, gate_up, down, shared_gate_up, shared_down, shared_gate, top_k, norm_topk_prob, weight_format):
-    _check_format(weight_format)
+    _check_torch_format(weight_format)
     return torch.empty_like(x)
 
 
@@ -63,12 +87,15 @@ def _schema() -> OpSchema:
     return OpSchema(
         OP_NAME, DOMAIN, DOMAIN_VERSION,
         doc=__doc__,
-        inputs=[P(n, "T") for n in INPUTS],
+        inputs=[P(n, "W" if n in QUANTIZED else "T") for n in INPUTS]
+        + [P(n, "T", param_option=OpSchema.FormalParameterOption.Optional) for n in SCALE_INPUTS],
         outputs=[P("y", "T")],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "activations")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "activations"),
+                          ("W", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(int4)",
+                                 "tensor(float8e4m3fn)"], "expert weights (the activation dtype when float)")],
         attributes=[OpSchema.Attribute("top_k", OpSchema.AttrType.INT, "experts per token"),
                     OpSchema.Attribute("norm_topk_prob", OpSchema.AttrType.INT, "renormalise the top-k probabilities"),
-                    OpSchema.Attribute("weight_format", OpSchema.AttrType.STRING, "float")],
+                    OpSchema.Attribute("weight_format", OpSchema.AttrType.STRING, "/".join(WEIGHT_FORMATS))],
     )
 
 
@@ -82,10 +109,22 @@ def _translation(x, router_weight, gate_up, down, shared_gate_up, shared_down, s
                     top_k=top_k, norm_topk_prob=int(norm_topk_prob), weight_format=weight_format)
 
 
-def function_proto(opset: int) -> onnx.FunctionProto:
+def _dequantize_int4(f: FunctionBuilder, name: str) -> str:
+    return f.op("DequantizeLinear", name, f"{name}_scale", axis=-1, block_size=INT4_GROUP, hint=f"{name}_dq")
+
+
+DEQUANTIZE = {"int4": _dequantize_int4}   # weight_format -> (builder, input name) -> the weight in the act dtype
+
+
+def function_proto(opset: int, weight_format: str = "float") -> onnx.FunctionProto:
+    """The body of qcn::MoE for one weight format (the overload :func:`overload` names)."""
+    _check_format(weight_format)
     f = FunctionBuilder(OP_NAME, opset)
     i64 = lambda v: f.const(v, "int64")  # noqa: E731
     T = lambda t, perm: f.op("Transpose", t, perm=perm)  # noqa: E731
+    w = {n: n for n in QUANTIZED}
+    if weight_format != "float":
+        w = {n: DEQUANTIZE[weight_format](f, n) for n in QUANTIZED}
 
     def swiglu(h):  # [..., 2W] -> [..., W], gate half first
         gate, up = f.op("Split", h, axis=-1, num_outputs=2, outputs=2)
@@ -103,15 +142,18 @@ def function_proto(opset: int) -> onnx.FunctionProto:
     combine = f.op("ScatterElements", zeros, top_i, top_p, axis=1)  # [N, E], zero outside the top-k
 
     # every expert on every token: [E, N, 2I] -> [E, N, I] -> [E, N, H], weighted, summed over E
-    h = f.op("MatMul", f.op("Unsqueeze", "x", i64([0])), T("gate_up", [0, 2, 1]))
-    expert_out = f.op("MatMul", swiglu(h), T("down", [0, 2, 1]))
+    h = f.op("MatMul", f.op("Unsqueeze", "x", i64([0])), T(w["gate_up"], [0, 2, 1]))
+    expert_out = f.op("MatMul", swiglu(h), T(w["down"], [0, 2, 1]))
     routed = f.op("ReduceSum", f.op("Mul", expert_out, f.op("Unsqueeze", T(combine, [1, 0]), i64([-1]))),
                   i64([0]), keepdims=0)
 
-    shared = f.op("MatMul", swiglu(f.op("MatMul", "x", T("shared_gate_up", [1, 0]))), T("shared_down", [1, 0]))
+    shared = f.op("MatMul", swiglu(f.op("MatMul", "x", T(w["shared_gate_up"], [1, 0]))), T(w["shared_down"], [1, 0]))
     gate = f.op("Sigmoid", f.op("MatMul", "x", T("shared_gate", [1, 0])))  # [N, 1]
     f.graph_op("Add", [routed, f.op("Mul", gate, shared)], ["y"])
-    return f.build(INPUTS, ["y"], ["top_k", "norm_topk_prob", "weight_format"])
+    inputs = INPUTS if weight_format == "float" else INPUTS + SCALE_INPUTS
+    proto = f.build(inputs, ["y"], ["top_k", "norm_topk_prob", "weight_format"])
+    proto.overload = overload(weight_format)
+    return proto
 
 
 OP = QcnOp(OP_NAME, torch.ops.qcn.moe.default, _schema(), _translation, function_proto)

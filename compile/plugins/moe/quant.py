@@ -68,15 +68,17 @@ def unpack_int4(p: torch.Tensor, k: int) -> torch.Tensor:
     return torch.stack([lo, hi], dim=-1).reshape(*p.shape[:-1], -1)[..., :k].to(torch.int8)
 
 
-def quantize_int4_groupwise(w: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [..., R, K] -> (packed uint8 [..., R, ceil(K/2)], scale bf16 [..., R, ceil(K/group_size)])."""
+def quantize_int4_groupwise(w: torch.Tensor, group_size: int = 128,
+                            scale_dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., R, K] -> (packed uint8 [..., R, ceil(K/2)], scale [..., R, ceil(K/group_size)] in
+    ``scale_dtype``: bf16 for the kernels; the ONNX graphs' DequantizeLinear scales are fp32)."""
     k = w.shape[-1]
     ng = -(-k // group_size)
     wf = w.float()
     pad = ng * group_size - k
     wp = torch.nn.functional.pad(wf, (0, pad)) if pad else wf
     g = wp.reshape(*wf.shape[:-1], ng, group_size)
-    scale = (g.abs().amax(dim=-1) / 7.0).to(torch.bfloat16)
+    scale = (g.abs().amax(dim=-1) / 7.0).to(scale_dtype)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.round(g / scale.float()[..., None]).clamp(-8, 7)
     q = q.reshape(*wf.shape[:-1], ng * group_size)[..., :k].to(torch.int8)

@@ -227,9 +227,13 @@ class DeviceState:
 def _to_host(t, torch) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         return t.contiguous().view(torch.int16).cpu().numpy().view(np.uint16)
+    if t.dtype == torch.float8_e4m3fn:  # an FP8 KV cache: its bytes (qcn.runtime.state.host_dtype)
+        return t.contiguous().view(torch.uint8).cpu().numpy()
     return t.contiguous().cpu().numpy()
 
 
 def _to_device(a: np.ndarray, dtype: str, torch):
     t = torch.from_numpy(np.ascontiguousarray(a))
+    if dtype == "float8_e4m3fn":
+        return t.view(torch.float8_e4m3fn)
     return t.view(torch.bfloat16) if dtype == "bfloat16" else t

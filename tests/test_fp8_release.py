@@ -1,0 +1,159 @@
+"""The official FP8 release kept bit-exact: a tiny FP8-block checkpoint (the project's generator,
+the release's layout) exported with `quantization.weights: fp8` keeps the checkpoint's FP8 bytes
+(transposed to [in, out]) behind DequantizeLinear(axis=0, block_size=b), and computes the same
+logits as the `weights: none` export, which dequantizes on load."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from qcn.compile.export.checkpoint import open_checkpoint
+from qcn.compile.export.config import load_model_config
+from qcn.compile.export.fp8 import SCALE_SUFFIX, fp8_roles
+from qcn.compile.export.tiny import TINY_SPECS, config_dict, write_tiny_checkpoint
+from qcn.compile.export.weights import weight_specs
+from qcn.compile.pipeline import compile_recipe
+from qcn.compile.recipe import QuantizationOptions, Recipe, RuntimeOptions
+from qcn.runtime.generate import load
+
+# (spec, block): "odd" has ragged blocks everywhere (hidden 72, widths 40/56/88, block 32) and
+# MQA; "bias" has attention biases and adjacent attention layers. The release's block (128) is
+# checked at the weight map below (test_weight_map_fp8_form_dequantizes_exactly), cheaply.
+CASES = [("odd", 32), ("bias", 16)]
+
+
+def _compile(ckpt, out, weights: str):
+    recipe = Recipe(name=f"fp8-{weights}", checkpoint=ckpt, output=out, runtime=RuntimeOptions(max_context=128),
+                    quantization=QuantizationOptions(weights=weights))
+    return compile_recipe(recipe)
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{s}-b{b}" for s, b in CASES])
+def pair(request, tmp_path_factory):
+    spec, block = request.param
+    root = tmp_path_factory.mktemp(f"fp8-{spec}")
+    ckpt = write_tiny_checkpoint(root / "ckpt", TINY_SPECS[spec], fp8_block=block, seed=3)
+    return ckpt, block, _compile(ckpt, root / "fp8", "fp8"), _compile(ckpt, root / "none", "none")
+
+
+def _initializers(artifact, graph="prefill"):
+    proto = onnx.load(str(artifact / f"{graph}.onnx"))
+    return proto, {t.name: t for t in proto.graph.initializer}
+
+
+def _fp8_bytes(t: onnx.TensorProto) -> np.ndarray:
+    assert t.data_type == onnx.TensorProto.FLOAT8E4M3FN
+    return np.frombuffer(numpy_helper.to_array(t).tobytes(), np.uint8).reshape(tuple(t.dims))
+
+
+def test_projections_keep_the_checkpoints_fp8_bytes(pair):
+    ckpt, block, fp8, _ = pair
+    cfg = load_model_config(ckpt)
+    proto, inits = _initializers(fp8)
+    dq = {n.input[0]: n for n in proto.graph.node if n.op_type == "DequantizeLinear"}
+    kept = [s for s in weight_specs(cfg) if s.fp8 == "projection"]
+    assert kept and len(dq) == len(kept)
+    with open_checkpoint(ckpt) as c:
+        for s in kept:
+            node = dq[s.name]
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            assert attrs == {"axis": 0, "block_size": block}, s.name
+            assert list(node.input) == [s.name, s.name + SCALE_SUFFIX]
+            w = _fp8_bytes(inits[s.name])
+            K, N = s.shape
+            assert w.shape == (K, N)
+            assert tuple(inits[s.name + SCALE_SUFFIX].dims) == (-(-K // block), N)
+            if len(s.sources) == 1 and s.transform.__name__ == "_t":  # plain transposes: the bytes themselves
+                raw = c.get_raw(s.sources[0]).view(torch.uint8).numpy()
+                np.testing.assert_array_equal(w, raw.T, err_msg=s.name)
+            # every kept weight (de-interleaved, concatenated too) holds exactly the checkpoint's FP8 values
+            # byte multiset per tensor: a transform that only moves data keeps it
+            raw_all = np.concatenate([c.get_raw(x).view(torch.uint8).numpy().ravel() for x in s.sources])
+            np.testing.assert_array_equal(np.sort(w.ravel()), np.sort(raw_all), err_msg=s.name)
+            consumers = [n.op_type for n in proto.graph.node if node.output[0] in n.input]
+            assert consumers and set(consumers) == {"MatMul"}, (s.name, consumers)
+
+
+def test_dequantized_weights_equal_dequantize_on_load_exactly(pair):
+    """DQ(W, scale) of the FP8 export == the `weights: none` export's fp32 weight, bit for bit
+    (the 1 x b re-expression of the b x b block scale is exact)."""
+    ckpt, block, fp8, none = pair
+    _, q = _initializers(fp8)
+    _, f = _initializers(none)
+    names = [n for n in q if n + SCALE_SUFFIX in q]
+    assert names
+    for name in names:
+        w = numpy_helper.to_array(q[name]).astype(np.float32)
+        scale = numpy_helper.to_array(q[name + SCALE_SUFFIX])
+        deq = w * np.repeat(scale, block, axis=0)[: w.shape[0]]
+        ref = numpy_helper.to_array(f[name])
+        assert ref.dtype == np.float32
+        np.testing.assert_array_equal(deq, ref, err_msg=name)
+
+
+def test_logits_equal_dequantize_then_compute(pair):
+    ckpt, _, fp8, none = pair
+    vocab = load_model_config(ckpt).vocab_size
+    ids = np.random.default_rng(7).integers(0, vocab, 37).tolist()
+    outs = []
+    for artifact in (fp8, none):
+        gen = load(artifact, threads=1)
+        try:
+            s = gen.session
+            h = s.allocate()
+            logits = [s.prefill(h, ids)]
+            tok = int(np.argmax(logits[-1]))
+            for _ in range(5):
+                logits.append(s.decode([h], [tok])[0])
+                tok = int(np.argmax(logits[-1]))
+            outs.append(np.stack([np.asarray(x).reshape(-1) for x in logits]))
+        finally:
+            gen.close()
+    np.testing.assert_allclose(outs[0], outs[1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec,block", [("default", 128), ("mlp_only", 128), ("seven", 48)])
+def test_weight_map_fp8_form_dequantizes_exactly(tmp_path, spec, block):
+    """fp8_chunks x fp8_scale (1 x b blocks along K) == the dequantize-on-load weight, bit for bit,
+    for every FP8 role (stacked experts [E, R, K] with [E, R, G] scales included)."""
+    ckpt = write_tiny_checkpoint(tmp_path / "c", TINY_SPECS[spec], fp8_block=block, seed=5)
+    with open_checkpoint(ckpt) as c:
+        specs = [s for s in weight_specs(load_model_config(ckpt)) if s.fp8]
+        assert {s.fp8 for s in specs} == {"projection", "expert", "shared_expert"}
+        for s in specs:
+            w = torch.cat([x.reshape(-1) for _, x in s.fp8_chunks(c)]).reshape(s.shape)
+            assert w.dtype == torch.float8_e4m3fn
+            scale = s.fp8_scale(c)
+            k_axis = -1 if s.fp8 != "projection" else 0  # projections [K, N]; MoE weights [.., R, K]
+            K = s.shape[k_axis]
+            assert scale.shape[k_axis] == -(-K // block), s.name
+            deq = w.float() * scale.repeat_interleave(block, dim=k_axis).narrow(k_axis, 0, K)
+            assert torch.equal(deq, s.load(c, torch.float32)), s.name
+
+
+def test_weights_none_and_non_fp8_checkpoints_are_unchanged(tmp_path):
+    """weights: none on an FP8 checkpoint dequantizes (no FP8 initializer); weights: fp8 on a
+    float checkpoint keeps nothing at export (the quantization pass quantizes it)."""
+    assert fp8_roles("none", "none") == frozenset()
+    ckpt = write_tiny_checkpoint(tmp_path / "f32", TINY_SPECS["sparse_step2"], seed=1)
+    out = _compile(ckpt, tmp_path / "a", "fp8")
+    proto, inits = _initializers(out)
+    assert not [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
+    assert all(t.data_type != onnx.TensorProto.FLOAT8E4M3FN for t in inits.values())
+
+
+def test_routers_embeddings_and_lm_head_are_never_fp8_specs(tmp_path):
+    d = tmp_path / "cfg"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(config_dict(TINY_SPECS["default"])))
+    fp8 = {s.name.split(".")[-1]: s.fp8 for s in weight_specs(load_model_config(d)) if s.fp8}
+    assert fp8 == {"in_proj_qkvz": "projection", "in_proj_ba": "projection", "out_proj": "projection",
+                   "q_proj": "projection", "k_proj": "projection", "v_proj": "projection", "o_proj": "projection",
+                   "experts_gate_up": "expert", "experts_down": "expert",
+                   "shared_gate_up": "shared_expert", "shared_down": "shared_expert"}
