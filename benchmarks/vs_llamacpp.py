@@ -373,7 +373,7 @@ def main(argv=None) -> int:
     print()
     print(f"prompt {args.prompt_len} tokens, {args.new_tokens - 1} decode steps, medians of {args.rounds} interleaved "
           "rounds; tok/s from wall time (in brackets: from process CPU time); peak RSS = the worker's VmHWM over all "
-          "its batch sizes (python + imports alone: in brackets)")
+          "its batch sizes (python + numpy alone, before the model library is imported: in brackets)")
     print("| threads | batch | system | prefill tok/s | decode tok/s | peak RSS MiB |")
     print("|---:|---:|---|---:|---:|---:|")
     for row in rows:
