@@ -57,7 +57,7 @@ def test_cpu_passes_dir_is_the_artifact_with_a_report_of_every_pass(cpu_art):
                else "quantization.")  # the quantization rows: nothing asked for ("quantization.weights is 'none'")
         assert row["runs"] is False and why in row["why_not"], row
         assert all(c["rewritten"] == 0 for c in row["graphs"].values()), row
-        if row["pass"] in lowerings:
+        if row["pass"] == "lower_cached_attention":  # the cpu lowerings left no GatedDeltaNet / float MoE node
             assert all(c["op_nodes"] >= 1 for c in row["graphs"].values()), row
     gdn = next(r for r in report["passes"] if r["pass"] == "cpu_gated_deltanet")
     assert all(c["rewritten"] == c["matched"] >= 1 and c["refused"] == 0 for c in gdn["graphs"].values()), gdn
