@@ -577,3 +577,24 @@ def test_fp8_activations_rule_adds_only_the_activation_qdq(tmp_path):
     np.testing.assert_allclose(y, ref.numpy(), rtol=1e-5, atol=1e-5)
     again = apply(Fp8Activations(_ctx(tmp_path, {"Wq": _amax(3.0)})), model)  # must NOT fire twice
     assert again.rewritten == 0 and again.matched == 1  # only the int8 one, refused again
+
+
+def test_official_fp8_checkpoint_gets_activation_qdq_only(tmp_path):
+    """A checkpoint with FP8 block weights (the official release's layout, written by the
+    project's generator): the export keeps the bytes behind DequantizeLinear (fp8x), and the
+    passes add only activation Q/DQ (fp8_activations): no projection is re-quantized."""
+    from qcn.compile.export.tiny import TINY_SPECS, write_tiny_checkpoint
+    from qcn.compile.pipeline import run_pipeline
+
+    ckpt = write_tiny_checkpoint(tmp_path / "ckpt8", TINY_SPECS["sparse_step2"], seed=3, fp8_block=32)
+    recipe = _tiny_recipe(tmp_path, ckpt, tmp_path / "official")
+    recipe = dataclasses.replace(recipe, quantization=dataclasses.replace(recipe.quantization, experts="none"))
+    art = run_pipeline(recipe).output
+    report = json.loads((art / "passes_report.json").read_text())
+    rows = {r["pass"]: r["graphs"]["prefill"] for r in report["passes"]}
+    assert rows["fp8_activations"]["rewritten"] >= 1 and rows["fp8_projection"]["rewritten"] == 0
+    g = onnx.load(str(art / "prefill.onnx"), load_external_data=False)
+    names = {i.name for i in g.graph.initializer}
+    assert not any(n.endswith(".fp8") for n in names)  # nothing re-quantized: the checkpoint's bytes are the weights
+    assert sum(n.endswith(".input_scale") for n in names) == rows["fp8_activations"]["rewritten"]
+    assert json.loads((art / "accuracy.json").read_text())["passed"]
