@@ -78,3 +78,19 @@ def test_block128_fp8_on_rtx_fails_naming_the_known_limitation_and_the_fix():
     assert "fp8_granularity: channel" in known_failure_hint(block, err)
     assert known_failure_hint(r, err) == ""  # per-channel: not this limitation
     assert known_failure_hint(block, "some other error") == ""
+
+
+def test_pico_int4_engine_for_sm86_and_sm120_has_int4_weight_only_gemms(tmp_path):
+    recipe, result, m = _build("recipes/rtx_int4.yaml", tmp_path / "rtx_int4")
+    assert result.ran == ["export", "passes", "build"]
+    b = m["build"]
+    assert parse_header((tmp_path / "rtx_int4" / b["engine"]).read_bytes()).compute_capabilities == ("8.6", "12.0")
+    graph = onnx.load(str(result.dirs["passes"] / "prefill.onnx"), load_external_data=False)
+    quantized = _quantized_matmuls(graph)
+    assert len(quantized) >= 20, quantized
+    layers = _layers(tmp_path / "rtx_int4")
+    where = _gemm_of(layers)
+    assert {n: where.get(n) for n in quantized} == {n: "int4_weight_only" for n in quantized}
+    assert b["layers"]["gemms"]["int4_weight_only"] >= len(quantized) // 2  # the builder may merge sibling GEMMs
+    # the experts' weights stay INT4 in the engine (qcn::MoE int4 body)
+    assert any(c["dtype"] == "int4" and len(c["shape"]) == 3 for l in layers for c in l["constants"])

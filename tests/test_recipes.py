@@ -33,6 +33,7 @@ SHIPPED = {
     "pico_fp8_kv_cpu": (None, []),
     "tiny_rtx": (True, []),
     "rtx_sm89_fp8": (True, []),
+    "rtx_int4": (True, []),
     "h100_fp8": (True, [NO_TRT]),
     "h200_fp8": (True, [NO_TRT]),
     "h100_int4": (True, [NO_TRT]),   # FP8 projections + INT4 experts: both passes exist
@@ -59,7 +60,7 @@ def test_shipped_recipe_validates_or_fails_for_its_documented_reason(name, tiny_
     assert text.startswith("#"), "every recipe starts with a comment saying why"
     recipe = load_recipe(f"recipes/{name}.yaml", checkpoint=tiny_ckpt if name.startswith("tiny") else None)
     fits, reasons = SHIPPED[name]
-    if name in ("tiny_rtx", "rtx_sm89_fp8") and not HAVE_RTX:
+    if name in ("tiny_rtx", "rtx_sm89_fp8", "rtx_int4") and not HAVE_RTX:
         reasons = ["pip install tensorrt-rtx"]
     if HAVE_TRT:
         reasons = [r for r in reasons if r != NO_TRT]

@@ -75,7 +75,8 @@ def load_onnx_dir(onnx_dir: Path, recipe: Recipe) -> Manifest:
             raise OnnxMismatchError(f"{p}: sha256 differs from {mpath}; the ONNX or its weights were modified, "
                                     "re-run the passes stage")
     recipe_had = m.recipe or {}
-    want, have = export_identity(recipe.to_dict()), export_identity(to_json(recipe_had))
+    # compared as JSON (tuples of the recipe, e.g. quantization.keep, are lists in the stored manifest)
+    want, have = (json.loads(json.dumps(export_identity(d))) for d in (recipe.to_dict(), to_json(recipe_had)))
     if want != have:
         raise OnnxMismatchError(f"{onnx_dir} was exported by recipe {recipe_had.get('name')!r} with {have}; "
                                 f"recipe {recipe.name!r} needs {want}: re-export (qcn-compile --force)")
