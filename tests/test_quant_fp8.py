@@ -330,7 +330,9 @@ def test_fp8_graph_in_ort_equals_torch_fp8_simulation(tiny, tmp_path):
     assert acc["passed"] and acc["tokens"] == 4 * 63 and 0 < acc["kl_mean"] and set(acc) >= {
         "tokens", "top1_agreement", "kl_mean", "ppl_ratio", "ppl_quantized", "ppl_reference"}
     m = read_manifest(art)  # every file, weights.passes.bin included, hashed and listed
-    assert PASSES_WEIGHTS in m.files and "accuracy.json" in m.files
+    # (or, when the FP8 graphs read < 75% of the weight bytes, one compacted weights.bin: stage._compact)
+    compacted = json.loads((art / "passes_report.json").read_text()).get("compacted")
+    assert (PASSES_WEIGHTS in m.files or (compacted and PASSES_WEIGHTS not in m.files)) and "accuracy.json" in m.files
 
     cfg = load_model_config(tiny)
     rope = rope_tables(cfg)
