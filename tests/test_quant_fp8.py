@@ -79,14 +79,15 @@ def test_preflight_asks_the_pass_table():
     for module in ("onnxruntime", "tensorrt", "tensorrt_rtx"):
         assert missing_passes(module, q) == []
         assert dict((p.name, why) for p, why in plan_for(module, q))["fp8_projection"] is None
-    assert missing_passes("onnxruntime", QuantizationOptions(kv_cache="fp8")) == [("kv_cache", "fp8", [])]
+    assert missing_passes("tensorrt_rtx", QuantizationOptions(weights="fp4")) == [("weights", "fp4", [])]
     assert dict((p.name, why) for p, why in plan_for("onnxruntime"))["fp8_projection"] == "quantization.weights is 'none'"
     r = load_recipe("recipes/pico_fp8_cpu.yaml")
     assert pf.quantization_problems(r) == []
-    bad = dataclasses.replace(r, quantization=dataclasses.replace(r.quantization, kv_cache="fp8"))
+    bad = dataclasses.replace(r, quantization=dataclasses.replace(r.quantization, weights="fp8", kv_cache="activation",
+                                                                  calibration=CalibrationOptions()))
     assert pf.quantization_problems(bad) == [
-        "quantization.kv_cache: fp8 needs a quantization pass for it, and no pass implements it yet; qcn will not fake "
-        "it: use activation (the activation dtype)"]
+        "quantization.calibration.source: required when anything is quantized: a text file or a folder of text files "
+        "(held-out text: activation ranges and the accuracy gate are measured on it)"]
 
 
 # --- weights.passes.bin ---------------------------------------------------------------------
@@ -283,7 +284,7 @@ def tiny(tmp_path_factory):
 
 def _tiny_recipe(tmp_path, ckpt, out, granularity="channel", gate=None):
     data = yaml.safe_load(open("recipes/tiny_cpu.yaml").read())
-    data["quantization"] = {"weights": "fp8", "fp8_granularity": granularity,
+    data["quantization"] = {"weights": "fp8", "experts": "fp8", "fp8_granularity": granularity,
                             "calibration": {"source": HELDOUT, "tokens": 256, "seq_len": 64, "batch": 2},
                             "gate": gate or {"tokens": 256, "seq_len": 64, "top1_min": 0.5, "ppl_ratio_max": 1.5}}
     data["runtime"]["max_context"] = 512
@@ -344,12 +345,20 @@ def test_fp8_graph_in_ort_equals_torch_fp8_simulation(tiny, tmp_path):
         s = (w.abs().amax(0) / 448).where(w.abs().amax(0) > 0, torch.tensor(1.0))  # per output channel, naive
         quantized[id(w)] = ((w / s).to(torch.float8_e4m3fn).float() * s, torch.tensor(sx))
     assert len(quantized) == len(scales) > 0 and "lm_head.input_scale" not in scales
+    experts = [n for n in params if n.rsplit(".", 1)[-1] in ("experts_gate_up", "experts_down", "shared_gate_up",
+                                                              "shared_down")]
+    stored = {i.name for i in graph.graph.initializer}
+    assert experts and all(f"{n}.fp8" in stored and f"{n}.fp8_scale" in stored for n in experts)
+    for n in experts:  # weight-only: the experts compute on the dequantized weights (per output row, naive)
+        w = params[n].data
+        s = (w.abs().amax(-1, keepdim=True) / 448).where(w.abs().amax(-1, keepdim=True) > 0, torch.tensor(1.0))
+        params[n].data = (w / s).to(torch.float8_e4m3fn).float() * s
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 37))
     states = [torch.zeros((2, *[1 if d == "max_context" else d for d in s.shape])) for s in state_layout(cfg, "float32")]
     seen = set()
     with torch.no_grad(), _fp8_matmuls(quantized, seen):
         want = model(torch.from_numpy(ids), torch.zeros(2, dtype=torch.int64), states)[0].numpy()
-    with torch.no_grad():
+    with torch.no_grad():  # projections unquantized (experts are): the difference the check must see
         plain = model(torch.from_numpy(ids), torch.zeros(2, dtype=torch.int64), states)[0].numpy()
     got = GraphRunner(graph, art, m.graphs["prefill"].inputs, ["logits"]).run(ids)["logits"]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
@@ -386,3 +395,185 @@ def test_every_token_logits_bypasses_the_last_token_gather():
     last = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"h": h})[0]
     assert full.shape == (2, 5, 3) and np.array_equal(full[:, -1], last)
     assert every_token_logits(all_) is all_
+
+
+# --- FP8 experts: the qcn::MoE "fp8" format ---------------------------------------------------
+
+@pytest.mark.parametrize("granularity", ["channel", "block128"])
+def test_moe_fp8_body_in_ort_equals_the_reference(granularity):
+    """The fp8 function body (ORT) == the naive reference on the dequantized weights (the op's
+    own precision), odd sizes (H = 200: a short last 128-block); the per-row format is the kernels'."""
+    from qcn.compile.plugins.moe import op as moe_op
+    from qcn.compile.plugins.moe.quant import quantize_fp8_rowwise
+    from qcn.compile.plugins.moe.reference import dequantize_fp8_blocks, moe_reference
+    from qcn.compile.passes.quant.fp8_experts import quantize_rows
+
+    g = torch.Generator().manual_seed(0)
+    Nt, H, E, I, Is, k = 7, 200, 5, 24, 40, 2
+    x = torch.randn(Nt, H, generator=g)
+    rw = torch.randn(E, H, generator=g) * 0.1
+    ws = {"gate_up": torch.randn(E, 2 * I, H, generator=g) * 0.05, "down": torch.randn(E, H, I, generator=g) * 0.05,
+          "shared_gate_up": torch.randn(2 * Is, H, generator=g) * 0.05, "shared_down": torch.randn(H, Is, generator=g) * 0.05}
+    ws["gate_up"][1, 3] = 0  # an all-zero row: scale 1
+    sg = torch.randn(1, H, generator=g) * 0.1
+    q, s = {}, {}
+    for n, w in ws.items():
+        q[n], s[n] = quantize_rows(w, granularity)
+        G = 1 if granularity == "channel" else -(-w.shape[-1] // 128)
+        assert s[n].shape == (*w.shape[:-1], G) and s[n].dtype == torch.float32
+        if granularity == "channel":
+            kq, ks = quantize_fp8_rowwise(w)  # the Triton kernels' FP8 format
+            assert torch.equal(kq.view(torch.uint8), q[n].view(torch.uint8)) and torch.equal(ks, s[n][..., 0])
+    dq = {n: dequantize_fp8_blocks(q[n], s[n]) for n in q}
+    for n, w in ws.items():  # naive: each element times its own block's scale
+        B = w.shape[-1] if s[n].shape[-1] == 1 else 128
+        for kk in (0, w.shape[-1] - 1):
+            assert torch.equal(dq[n][..., kk], q[n][..., kk].float() * s[n][..., kk // B])
+    want = moe_reference(x, rw, dq["gate_up"], dq["down"], dq["shared_gate_up"], dq["shared_down"], sg, k, True,
+                         compute_dtype=None)
+    names = moe_op.INPUTS + moe_op.SCALE_INPUTS
+    vals = [x, rw, q["gate_up"], q["down"], q["shared_gate_up"], q["shared_down"], sg] + [s[n] for n in moe_op.QUANTIZED]
+    inits = []
+    for n, v in zip(names[1:], vals[1:]):
+        t = nh.from_array(v.view(torch.uint8).numpy() if v.dtype == torch.float8_e4m3fn else v.numpy(), n)
+        if v.dtype == torch.float8_e4m3fn:
+            t.data_type = TP.FLOAT8E4M3FN
+        inits.append(t)
+    node = oh.make_node("MoE", names, ["y"], domain="qcn", top_k=k, norm_topk_prob=1, weight_format="fp8")
+    node.overload = moe_op.overload("fp8")
+    gr = oh.make_graph([node], "g", [oh.make_tensor_value_info("x", TP.FLOAT, ["n", H])],
+                       [oh.make_tensor_value_info("y", TP.FLOAT, ["n", H])], inits)
+    m = oh.make_model(gr, opset_imports=[oh.make_opsetid("", 23), oh.make_opsetid("qcn", 1)],
+                      functions=[moe_op.function_proto(23, "fp8")])
+    m.ir_version = 10
+    onnx.checker.check_model(m)
+    y = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    np.testing.assert_allclose(y, want.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_fp8_experts_rule_and_lowering(tmp_path):
+    """Positive: every float MoE node -> fp8 with the fp8 body; must NOT fire: an fp8 node (no
+    candidate), a non-constant weight (refused, and then a mixed graph is an error). lower_moe
+    lowers fp8 per-row scales to the kernels' fp8 plugins and refuses 1x128 blocks, saying why."""
+    import onnx_ir as ir
+
+    from qcn.compile.passes.lower_moe import LowerMoE
+    from qcn.compile.passes.quant.fp8_experts import Fp8Experts
+    from qcn.compile.plugins.moe import op as moe_op
+
+    H, E, I, Is = 160, 4, 16, 24  # H > 128: block128 scales have 2 blocks along H
+    rng = np.random.default_rng(0)
+
+    def graph(n_moe=2, const=None):
+        const = set(range(n_moe)) if const is None else const  # MoE nodes whose `down` weight is a constant
+        nodes, inits, prev = [], [], "x"
+        for j in range(n_moe):
+            names = [prev] + [f"{n}{j}" for n in moe_op.INPUTS[1:]]
+            shapes = {"router_weight": (E, H), "gate_up": (E, 2 * I, H), "down": (E, H, I), "shared_gate_up": (2 * Is, H),
+                      "shared_down": (H, Is), "shared_gate": (1, H)}
+            for n, shp in shapes.items():
+                if j in const or n != "down":
+                    inits.append(nh.from_array((rng.standard_normal(shp) * 0.1).astype(np.float32), f"{n}{j}"))
+            nodes.append(oh.make_node("MoE", names, [f"y{j}"], domain="qcn", top_k=2, norm_topk_prob=1,
+                                      weight_format="float"))
+            prev = f"y{j}"
+        inputs = [oh.make_tensor_value_info("x", TP.FLOAT, [5, H])]
+        inputs += [oh.make_tensor_value_info(f"down{j}", TP.FLOAT, [E, H, I]) for j in range(n_moe) if j not in const]
+        g = oh.make_graph(nodes, "g", inputs, [oh.make_tensor_value_info(prev, TP.FLOAT, [5, H])], inits,
+                          value_info=[oh.make_tensor_value_info(f"y{j}", TP.FLOAT, [5, H]) for j in range(n_moe - 1)])
+        m = oh.make_model(g, opset_imports=[oh.make_opsetid("", 23), oh.make_opsetid("qcn", 1)],
+                          functions=[moe_op.function_proto(23)])
+        m.ir_version = 10
+        return m
+
+    def ctx(gran):
+        return PassContext("tensorrt", QuantizationOptions(experts="fp8", fp8_granularity=gran,
+                                                           calibration=CalibrationOptions(source=tmp_path)),
+                           "decode", PassWeights(tmp_path / gran), {})
+
+    for gran in ("channel", "block128"):
+        (tmp_path / gran).mkdir()
+        proto = graph()
+        model = to_ir(proto, "t")
+        c = ctx(gran)
+        res = apply(Fp8Experts(c), model)
+        c.weights.close()
+        assert res.counts() == {"matched": 2, "rewritten": 2, "refused": 0, "new_nodes": 2}
+        out = to_proto(model)
+        assert [oh.get_attribute_value(a) for n in out.graph.node for a in n.attribute if a.name == "weight_format"] \
+            == [b"fp8", b"fp8"]
+        body = [f for f in out.functions if f.overload == "fp8"]
+        assert len(body) == 1 and list(body[0].input)[-4:] == moe_op.SCALE_INPUTS
+        assert [n.overload for n in out.graph.node if n.op_type == "MoE"] == ["fp8", "fp8"]
+        path = tmp_path / gran / "m.onnx"
+        onnx.save(out, str(path))
+        x = rng.standard_normal((5, H)).astype(np.float32)
+        yq = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        y = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        # quantized (exactness: test_moe_fp8_body_in_ort_equals_the_torch_op; routing may flip here)
+        assert np.isfinite(yq).all() and np.abs(yq - y).max() > 0
+        again = apply(Fp8Experts(ctx(gran)), model)  # must NOT fire on fp8 nodes
+        assert again.matched == 0 and again.rewritten == 0
+        low = apply(LowerMoE(), to_ir(onnx.load(str(path), load_external_data=False), "t"))
+        if gran == "channel":
+            assert low.rewritten == 2 and low.config["weight_formats"] == ["fp8"]
+            assert any(p.endswith("_fp8") for p in low.plugins)
+        else:
+            assert low.rewritten == 0 and "1x128 blocks" in low.refused[0][1] and "one fp32 scale per output row" in low.refused[0][1]
+    (tmp_path / "mixed").mkdir()
+    c = PassContext("onnxruntime", QuantizationOptions(experts="fp8", calibration=CalibrationOptions(source=tmp_path)),
+                    "prefill", PassWeights(tmp_path / "mixed"), {})
+    res = apply(Fp8Experts(c), to_ir(graph(const=set()), "t"))  # no constant down weights: refused, nothing mixed
+    assert res.rewritten == 0 and len(res.refused) == 2 and all("is not a constant initializer" in w for _, w in res.refused)
+    m = to_ir(graph(const={0}), "t")  # node 0 rewritten, node 1 refused: float and fp8 overloads in one graph
+    res = apply(Fp8Experts(c), m)
+    assert res.rewritten == 1 and len(res.refused) == 1
+    out = to_proto(m)
+    assert sorted(f.overload for f in out.functions) == ["", "fp8"]
+    path = tmp_path / "mixed" / "m.onnx"
+    onnx.save(out, str(path))
+    feeds = {"x": rng.standard_normal((5, H)).astype(np.float32),
+             "down1": (rng.standard_normal((E, H, I)) * 0.1).astype(np.float32)}
+    assert np.isfinite(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]).all()
+    c.weights.close()
+
+
+# --- FP8 activations in front of already-FP8 weights (the official FP8 release) ----------------
+
+def test_fp8_activations_rule_adds_only_the_activation_qdq(tmp_path):
+    from qcn.compile.passes.quant.fp8_activations import Fp8Activations, calibration_targets
+
+    rng = np.random.default_rng(4)
+    W = torch.from_numpy(rng.standard_normal((K, N)).astype(np.float32))
+    s = torch.stack([W[i:i + 128].abs().amax(0) / 448 for i in range(0, K, 128)])  # 1x128 blocks
+    wq = (W / s.repeat_interleave(128, 0)[:K]).to(torch.float8_e4m3fn)
+    wq_t = nh.from_array(wq.view(torch.uint8).numpy(), "Wq")
+    wq_t.data_type = TP.FLOAT8E4M3FN
+    i8 = nh.from_array(np.zeros((K, N), np.int8), "Wi8")  # an int8 DequantizeLinear: refused, not FP8
+    nodes = [oh.make_node("DequantizeLinear", ["Wq", "s"], ["Wd"], axis=0, block_size=128),
+             oh.make_node("MatMul", ["x", "Wd"], ["h"]), oh.make_node("Relu", ["h"], ["r"]),
+             oh.make_node("DequantizeLinear", ["Wi8", "si"], ["Wid"], axis=1),
+             oh.make_node("MatMul", ["x", "Wid"], ["h2"]), oh.make_node("Add", ["r", "h2"], ["y"])]
+    g = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TP.FLOAT, ["n", K])],
+                      [oh.make_tensor_value_info("y", TP.FLOAT, ["n", N])],
+                      [wq_t, nh.from_array(s.numpy(), "s"), i8, nh.from_array(np.ones(N, np.float32), "si")])
+    m = oh.make_model(g, opset_imports=[oh.make_opsetid("", 23)])
+    m.ir_version = 10
+    model = to_ir(m, "t")
+    assert calibration_targets(model) == {"Wq": "x"}
+    c = _ctx(tmp_path, {"Wq": _amax(3.0)})
+    res = apply(Fp8Activations(c), model)
+    c.weights.close()
+    assert res.rewritten == 1 and res.matched == 2 and "other than a float8e4m3fn constant" in res.refused[0][1]
+    out = to_proto(model)
+    inits = {i.name: i for i in out.graph.initializer}
+    assert inits["Wq"].raw_data == wq.view(torch.uint8).numpy().tobytes()  # the checkpoint's bytes, untouched
+    assert [n.op_type for n in out.graph.node].count("QuantizeLinear") == 1
+    x = rng.standard_normal((3, K)).astype(np.float32)
+    y = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    sx = torch.tensor(3.0 / 448)
+    xdq = (torch.from_numpy(x) / sx).clamp(-448, 448).to(torch.float8_e4m3fn).float() * sx
+    ref = torch.relu(xdq @ (wq.float() * s.repeat_interleave(128, 0)[:K])) + torch.from_numpy(x) @ torch.zeros(K, N)
+    np.testing.assert_allclose(y, ref.numpy(), rtol=1e-5, atol=1e-5)
+    again = apply(Fp8Activations(_ctx(tmp_path, {"Wq": _amax(3.0)})), model)  # must NOT fire twice
+    assert again.rewritten == 0 and again.matched == 1  # only the int8 one, refused again

@@ -16,8 +16,11 @@
 The ONNX weight layouts are the kernels' (gate_up [E, 2I, H] gate rows first, down [E, H, I],
 shared_gate_up [2Is, H], shared_down [H, Is], shared_gate [1, H]). Sizes, top_k,
 norm_topk_prob and the activation dtype are fixed at registration (the pass's config).
-Refused (node left alone; the parser inlines its function body) when weight_format is not
-"float" (fp8/int4 need scale inputs the op does not have yet), H/E/I/Is are not static,
+weight_format "fp8" with one scale per output row (scale inputs [..., R, 1]) lowers to the
+kernels' fp8 plugins (``*_fp8``; the scales, squeezed to [..., R], follow each weight).
+Refused (node left alone; the parser inlines its function body) when weight_format is neither
+(int4 is not wired to the plugins yet), when fp8 scales are 1x128 blocks (G > 1: the MoE
+kernels take FP8 with one fp32 scale per output row only), H/E/I/Is are not static,
 shapes are inconsistent, top_k is outside 1..E, or dtypes are not one bf16/fp16/fp32
 activation dtype. NOT EXECUTED: no full TensorRT here; checked only against a stub of
 ``tensorrt.plugin`` (tests/test_plugin_lowering.py).
@@ -25,11 +28,14 @@ activation dtype. NOT EXECUTED: no full TensorRT here; checked only against a st
 
 from __future__ import annotations
 
+import onnx_ir as ir
+
 from .base import ACT_DTYPES, QcnRule, attr, dims, plugin_op, refuse
 
 PLUGIN_NAMESPACE = "qcn_moe"
 DECODE_MAX_TOKENS = 16  # = plugins/moe/launch.DECODE_MAX_TOKENS (that module needs triton; a test pins them equal)
-FORMATS = {"float": "dense"}
+FORMATS = {"float": "dense", "fp8": "fp8"}
+WEIGHT_INPUTS = ("gate_up", "down", "shared_gate_up", "shared_down")  # the ones an fp8 node stores as E4M3
 NAMES = ("x", "router_weight", "gate_up", "down", "shared_gate_up", "shared_down", "shared_gate")
 RANKS = (2, 2, 3, 3, 2, 2, 2)
 
@@ -39,7 +45,8 @@ class LowerMoE(QcnRule):
     root_op = "MoE"
 
     def pattern(self, op, x, router_weight, gate_up, down, shared_gate_up, shared_down, shared_gate):
-        return op.MoE(x, router_weight, gate_up, down, shared_gate_up, shared_down, shared_gate, _domain="qcn")
+        return op.MoE(x, router_weight, gate_up, down, shared_gate_up, shared_down, shared_gate, _domain="qcn",
+                      _allow_other_inputs=True)
 
     def check_node(self, context, **values):
         node = context.root
@@ -50,8 +57,18 @@ class LowerMoE(QcnRule):
         act = vals[0].dtype
         if act not in ACT_DTYPES:
             return refuse(f"activation dtype {act} is not bf16/fp16/fp32")
-        if any(v.dtype != act for v in vals):
-            return refuse("inputs do not all have the activation dtype")
+        want_w = ir.DataType.FLOAT8E4M3FN if fmt == "fp8" else act
+        if any(v.dtype != (want_w if n in WEIGHT_INPUTS else act) for v, n in zip(vals, NAMES)):
+            return refuse("inputs do not all have the activation dtype" + (" (fp8: the four expert weights E4M3)"
+                                                                          if fmt == "fp8" else ""))
+        scales = list(node.inputs[len(NAMES):])
+        if fmt == "fp8":
+            if len(scales) != 4 or any(s is None or s.dtype != ir.DataType.FLOAT for s in scales):
+                return refuse("weight_format 'fp8' needs four fp32 *_scale inputs")
+            g = [s.shape[-1] if s.shape is not None else None for s in scales]
+            if any(x != 1 for x in g):
+                return refuse(f"fp8 scales with {g} blocks along K (1x128 blocks): the MoE kernels take FP8 with one "
+                              "fp32 scale per output row only (quantization.fp8_granularity: channel)")
         shapes = []
         for v, r, n in zip(vals, RANKS, NAMES):
             s = dims(v, r, n, tuple(range(1 if n == "x" else 0, r)))
@@ -79,6 +96,13 @@ class LowerMoE(QcnRule):
     def rewrite(self, op, x, router_weight, gate_up, down, shared_gate_up, shared_down, shared_gate):
         fmt = self.config["weight_formats"][0]
         names = []
+        if fmt == "fp8":  # each weight followed by its scales, [..., R, 1] -> [..., R] (the kernels' layout)
+            axis = op.Constant(value_ints=[-1])
+            gs, ds, sgs, sds = (op.Squeeze(s, axis) for s in self._root.inputs[len(NAMES):])
+            gate_up, shared_gate_up = (gate_up, gs), (shared_gate_up, sgs)
+            down, shared_down = (down, ds), (shared_down, sds)
+        else:
+            gate_up, down, shared_gate_up, shared_down = (gate_up,), (down,), (shared_gate_up,), (shared_down,)
 
         def p(name, inputs, outputs=1):
             names.append(name)
@@ -88,13 +112,13 @@ class LowerMoE(QcnRule):
         ids, w, sw = p("router_topk", [logits, x, shared_gate], 3)
         n_tok = x.shape[0] if x.shape is not None else None
         if isinstance(n_tok, int) and n_tok <= DECODE_MAX_TOKENS:
-            act = p(f"decode_gate_up_{fmt}", [x, gate_up, shared_gate_up, ids])
-            inter = p(f"decode_down_{fmt}", [act, down, shared_down, ids])
+            act = p(f"decode_gate_up_{fmt}", [x, *gate_up, *shared_gate_up, ids])
+            inter = p(f"decode_down_{fmt}", [act, *down, *shared_down, ids])
             y = p("combine_slots", [inter, w, sw])
         else:
             sorted_, slot_row, expert_off, tile_off = p("align", [ids], 4)
             route = [sorted_, expert_off, tile_off]
-            act = p(f"prefill_gate_up_{fmt}", [x, gate_up, shared_gate_up, *route])
-            inter = p(f"prefill_down_{fmt}", [act, down, shared_down, *route])
+            act = p(f"prefill_gate_up_{fmt}", [x, *gate_up, *shared_gate_up, *route])
+            inter = p(f"prefill_down_{fmt}", [act, *down, *shared_down, *route])
             y = p("combine_sorted", [inter, w, sw, slot_row])
         return self.count_rewrite(op, y, {f"{PLUGIN_NAMESPACE}::{n}" for n in names})

@@ -69,9 +69,9 @@ def _lowerings() -> tuple[PassSpec, ...]:
 
 def _quantization() -> tuple[PassSpec, ...]:
     # --- quant (issue #10 parts 1, 4): FP8 W8A8 projections, FP8 experts ---
-    from .quant import fp8_projection
+    from .quant import fp8_activations, fp8_experts, fp8_projection
 
-    rows = [fp8_projection.SPEC]
+    rows = [fp8_projection.SPEC, fp8_activations.SPEC, fp8_experts.SPEC]
     # --- int4 (issue #11): add INT4 rows here ---
     # --- fp8x (issue #10 part 3): the FP8 KV cache, after the weight rows (it calibrates the new K/V of the
     # graph with quantized weights: what the cache will hold) ---

@@ -5,7 +5,7 @@ Shapes (docs/OPS.md): N tokens (= B*T), H hidden, E experts, I expert width, Is 
     shared_gate_up [2Is, H] (gate rows first), shared_down [H, Is], shared_gate [1, H]
  -> y [N, H] = sum_k p_k * expert_k(x) + sigmoid(x . shared_gate) * shared_expert(x)
 Attributes: top_k, norm_topk_prob (0/1), weight_format ("float": unquantized, as exported;
-"int4": made by the INT4 pass, docs/OPS.md).
+"int4": made by the INT4 pass; "fp8": made by the fp8_experts pass; docs/OPS.md).
 
 Weight formats are ONNX function overloads (IR v10): a node with weight_format F has
 ``overload`` F ("" for "float", as exported) and the model carries one body per format it uses,
@@ -15,6 +15,11 @@ dequantizes its weights to the activation dtype and then is the float body:
           point) with the optional inputs gate_up_scale .. shared_down_scale [.., R, ceil(K/128)]
           in the activation dtype: W[.., r, k] = q[.., r, k] * scale[.., r, k // 128]
           (DequantizeLinear axis=-1, block_size=128; a final partial group allowed).
+  "fp8"   gate_up, down, shared_gate_up, shared_down are float8e4m3fn [.., R, K] with the
+          optional inputs gate_up_scale .. shared_down_scale [.., R, G] fp32, G = 1 (one scale per
+          output row: the MoE kernels' FP8 format) or ceil(K/128) (1x128 blocks along K):
+          W[.., r, k] = float(q[.., r, k]) * scale[.., r, k // B], B = K if G == 1 else 128,
+          computed in fp32, then cast to the activation dtype (reference.dequantize_fp8_blocks).
 
 Router as transformers' Qwen3NextTopKRouter: logits in the activation dtype, softmax over E in
 fp32, top-k, renormalised when norm_topk_prob, then cast to the activation dtype.
@@ -37,10 +42,10 @@ from onnx import TensorProto
 from onnx.defs import OpSchema
 
 from ..onnx_function import DOMAIN, DOMAIN_VERSION, FunctionBuilder, QcnOp, register_schema
-from .reference import moe_reference
+from .reference import FP8_BLOCK, moe_reference
 
 OP_NAME = "MoE"
-WEIGHT_FORMATS = ("float", "int4")
+WEIGHT_FORMATS = ("float", "int4", "fp8")
 INPUTS = ["x", "router_weight", "gate_up", "down", "shared_gate_up", "shared_down", "shared_gate"]
 QUANTIZED = ["gate_up", "down", "shared_gate_up", "shared_down"]
 SCALE_INPUTS = [f"{n}_scale" for n in QUANTIZED]
@@ -88,9 +93,11 @@ def _schema() -> OpSchema:
         OP_NAME, DOMAIN, DOMAIN_VERSION,
         doc=__doc__,
         inputs=[P(n, "W" if n in QUANTIZED else "T") for n in INPUTS]
-        + [P(n, "T", param_option=OpSchema.FormalParameterOption.Optional) for n in SCALE_INPUTS],
+        + [P(n, "S", param_option=OpSchema.FormalParameterOption.Optional) for n in SCALE_INPUTS],
         outputs=[P("y", "T")],
         type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "activations"),
+                          ("S", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"],
+                           "weight scales: the activation dtype (int4), fp32 (fp8)"),
                           ("W", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(int4)",
                                  "tensor(float8e4m3fn)"], "expert weights (the activation dtype when float)")],
         attributes=[OpSchema.Attribute("top_k", OpSchema.AttrType.INT, "experts per token"),
@@ -113,7 +120,20 @@ def _dequantize_int4(f: FunctionBuilder, name: str) -> str:
     return f.op("DequantizeLinear", name, f"{name}_scale", axis=-1, block_size=INT4_GROUP, hint=f"{name}_dq")
 
 
-DEQUANTIZE = {"int4": _dequantize_int4}   # weight_format -> (builder, input name) -> the weight in the act dtype
+def _dequantize_fp8(f: FunctionBuilder, name: str) -> str:
+    """q fp8 [..., R, K], scale fp32 [..., R, G] -> q * scale[..., k // B] in the activation dtype
+    (B = K when G == 1, else 128), computed in fp32."""
+    q, scale = name, f"{name}_scale"
+    K, G = f.dim(q, -1), f.dim(scale, -1)
+    B = f.op("Where", f.op("Equal", G, f.const([1], "int64")), K, f.const([FP8_BLOCK], "int64"))
+    lead = f.op("Shape", scale, end=-1)
+    se = f.op("Expand", f.op("Unsqueeze", scale, f.const([-1], "int64")), f.op("Concat", lead, G, B, axis=0))
+    se = f.op("Reshape", se, f.op("Concat", lead, f.op("Mul", G, B), axis=0))
+    se = f.op("Slice", se, f.const([0], "int64"), K, f.const([-1], "int64"))
+    return f.op("CastLike", f.op("Mul", f.op("Cast", q, to=TensorProto.FLOAT), se), "x", hint=f"{name}_dq")
+
+
+DEQUANTIZE = {"int4": _dequantize_int4, "fp8": _dequantize_fp8}   # weight_format -> (builder, input name) -> the weight in the act dtype
 
 
 def function_proto(opset: int, weight_format: str = "float") -> onnx.FunctionProto:

@@ -10,7 +10,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["route_reference", "moe_reference"]
+__all__ = ["route_reference", "moe_reference", "dequantize_fp8_blocks"]
+
+FP8_BLOCK = 128
+
+
+def dequantize_fp8_blocks(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """qcn::MoE weight_format "fp8" (docs/OPS.md): q float8_e4m3fn [..., R, K], scale fp32
+    [..., R, G] with G = 1 (one scale per output row) or G = ceil(K / 128) (1x128 blocks along K)
+    -> float32 [..., R, K]: ``W[..., r, k] = float(q[..., r, k]) * scale[..., r, k // B]``,
+    B = K when G == 1, else 128."""
+    K, G = q.shape[-1], scale.shape[-1]
+    B = K if G == 1 else FP8_BLOCK
+    if G != -(-K // B):
+        raise ValueError(f"fp8 scale has {G} blocks along K = {K}; expected 1 or {-(-K // FP8_BLOCK)}")
+    return q.float() * scale.float().repeat_interleave(B, dim=-1)[..., :K]
 
 
 def route_reference(
