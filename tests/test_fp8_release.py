@@ -28,9 +28,9 @@ from qcn.runtime.generate import load
 CASES = [("odd", 32), ("bias", 16)]
 
 
-def _compile(ckpt, out, weights: str):
+def _compile(ckpt, out, weights: str, experts: str = "none"):
     recipe = Recipe(name=f"fp8-{weights}", checkpoint=ckpt, output=out, runtime=RuntimeOptions(max_context=128),
-                    quantization=QuantizationOptions(weights=weights))
+                    quantization=QuantizationOptions(weights=weights, experts=experts))
     return compile_recipe(recipe)
 
 
@@ -157,3 +157,48 @@ def test_routers_embeddings_and_lm_head_are_never_fp8_specs(tmp_path):
                    "q_proj": "projection", "k_proj": "projection", "v_proj": "projection", "o_proj": "projection",
                    "experts_gate_up": "expert", "experts_down": "expert",
                    "shared_gate_up": "shared_expert", "shared_down": "shared_expert"}
+
+
+def test_experts_keep_the_checkpoints_fp8_bytes_in_the_moe_fp8_format(tmp_path):
+    """weights + experts fp8 on a 128-block FP8 checkpoint: every MoE layer is qcn::MoE "fp8"
+    (overload "fp8") over the checkpoint's FP8 bytes (expert by expert, gate rows then up rows)
+    with fp32 [E, R, ceil(K/128)] scales, and the logits equal the dequantize-on-load export."""
+    ckpt = write_tiny_checkpoint(tmp_path / "ckpt", TINY_SPECS["default"], fp8_block=128, seed=4)
+    fp8 = _compile(ckpt, tmp_path / "fp8", "fp8", "fp8")
+    none = _compile(ckpt, tmp_path / "none", "none")
+    cfg = load_model_config(ckpt)
+    proto, inits = _initializers(fp8)
+    moe = [n for n in proto.graph.node if n.op_type == "MoE"]
+    assert len(moe) == sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)) > 0
+    assert {n.overload for n in moe} == {"fp8"} and any(f.name == "MoE" and f.overload == "fp8" for f in proto.functions)
+    E = cfg.num_experts
+    with open_checkpoint(ckpt) as c:
+        for n in moe:
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+            assert attrs["weight_format"] == b"fp8"
+            gate_up, down, shared_gate_up, shared_down = (n.input[i] for i in (2, 3, 4, 5))
+            layer = gate_up.split(".")[1]
+            src = f"model.layers.{layer}.mlp."
+            want = np.concatenate([c.get_raw(f"{src}experts.{e}.{p}_proj.weight").view(torch.uint8).numpy()[None]
+                                   for e in range(E) for p in ("gate", "up")], axis=1).reshape(E, -1, cfg.hidden_size)
+            np.testing.assert_array_equal(_fp8_bytes(inits[gate_up]), want)
+            want = np.stack([c.get_raw(f"{src}experts.{e}.down_proj.weight").view(torch.uint8).numpy() for e in range(E)])
+            np.testing.assert_array_equal(_fp8_bytes(inits[down]), want)
+            np.testing.assert_array_equal(_fp8_bytes(inits[shared_down]),
+                                          c.get_raw(f"{src}shared_expert.down_proj.weight").view(torch.uint8).numpy())
+            for w, s in zip((gate_up, down, shared_gate_up, shared_down), n.input[7:11]):
+                t = inits[s]
+                assert s == w + SCALE_SUFFIX and t.data_type == onnx.TensorProto.FLOAT
+                K = inits[w].dims[-1]
+                assert list(t.dims) == list(inits[w].dims[:-1]) + [-(-K // 128)]
+    vocab = cfg.vocab_size
+    ids = np.random.default_rng(3).integers(0, vocab, 21).tolist()
+    outs = []
+    for artifact in (fp8, none):
+        gen = load(artifact, threads=1)
+        try:
+            h = gen.session.allocate()
+            outs.append(np.stack([gen.session.prefill(h, ids), gen.session.decode([h], [5])[0]]))
+        finally:
+            gen.close()
+    np.testing.assert_allclose(outs[0], outs[1], rtol=0, atol=1e-5)
