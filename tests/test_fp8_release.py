@@ -6,6 +6,7 @@ logits as the `weights: none` export, which dequantizes on load."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -202,3 +203,33 @@ def test_experts_keep_the_checkpoints_fp8_bytes_in_the_moe_fp8_format(tmp_path):
         finally:
             gen.close()
     np.testing.assert_allclose(outs[0], outs[1], rtol=0, atol=1e-5)
+
+
+def test_the_release_through_every_fp8_pass_is_not_requantized(tmp_path):
+    """weights + experts + kv_cache fp8 on the FP8 release: the passes add activation Q/DQ in
+    front of the kept projections (fp8_activations) and FP8 caches, and re-quantize nothing
+    (fp8_projection and fp8_experts rewrite no node: the weights are already the checkpoint's FP8)."""
+    import argparse as a
+
+    from qcn.compile.pipeline import run_pipeline
+    from qcn.compile.recipe import CalibrationOptions, GateOptions
+
+    ckpt = write_tiny_checkpoint(tmp_path / "ckpt", TINY_SPECS["default"], fp8_block=128, seed=4)
+    text = tmp_path / "t.txt"
+    text.write_text(Path(a.__file__).read_text())
+    q = QuantizationOptions(weights="fp8", experts="fp8", kv_cache="fp8",
+                            calibration=CalibrationOptions(source=text, tokens=512, seq_len=64),
+                            gate=GateOptions(tokens=512, seq_len=64, top1_min=None, ppl_ratio_max=None))
+    out = run_pipeline(Recipe(name="release", checkpoint=ckpt, output=tmp_path / "art",
+                              runtime=RuntimeOptions(max_context=256), quantization=q)).output
+    cfg = load_model_config(ckpt)
+    n_proj = sum(1 for s in weight_specs(cfg) if s.fp8 == "projection")
+    rows = {r["pass"]: r["graphs"]["prefill"] for r in json.loads((out / "passes_report.json").read_text())["passes"]
+            if r["runs"]}
+    assert rows["fp8_projection"]["rewritten"] == 0 and rows["fp8_experts"]["rewritten"] == 0
+    assert rows["fp8_activations"]["rewritten"] == n_proj
+    assert rows["kv_fp8"]["rewritten"] == cfg.layer_types.count("full_attention")
+    proto = onnx.load(str(out / "prefill.onnx"), load_external_data=False)
+    dq = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.name.endswith("_dq")]
+    assert len(dq) == n_proj  # the export's weight DQs, untouched
+    assert np.isfinite(json.loads((out / "accuracy.json").read_text())["ppl_ratio"])
