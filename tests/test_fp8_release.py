@@ -6,6 +6,7 @@ logits as the `weights: none` export, which dequantizes on load."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -28,9 +29,9 @@ from qcn.runtime.generate import load
 CASES = [("odd", 32), ("bias", 16)]
 
 
-def _compile(ckpt, out, weights: str):
+def _compile(ckpt, out, weights: str, experts: str = "none"):
     recipe = Recipe(name=f"fp8-{weights}", checkpoint=ckpt, output=out, runtime=RuntimeOptions(max_context=128),
-                    quantization=QuantizationOptions(weights=weights))
+                    quantization=QuantizationOptions(weights=weights, experts=experts))
     return compile_recipe(recipe)
 
 
@@ -157,3 +158,78 @@ def test_routers_embeddings_and_lm_head_are_never_fp8_specs(tmp_path):
                    "q_proj": "projection", "k_proj": "projection", "v_proj": "projection", "o_proj": "projection",
                    "experts_gate_up": "expert", "experts_down": "expert",
                    "shared_gate_up": "shared_expert", "shared_down": "shared_expert"}
+
+
+def test_experts_keep_the_checkpoints_fp8_bytes_in_the_moe_fp8_format(tmp_path):
+    """weights + experts fp8 on a 128-block FP8 checkpoint: every MoE layer is qcn::MoE "fp8"
+    (overload "fp8") over the checkpoint's FP8 bytes (expert by expert, gate rows then up rows)
+    with fp32 [E, R, ceil(K/128)] scales, and the logits equal the dequantize-on-load export."""
+    ckpt = write_tiny_checkpoint(tmp_path / "ckpt", TINY_SPECS["default"], fp8_block=128, seed=4)
+    fp8 = _compile(ckpt, tmp_path / "fp8", "fp8", "fp8")
+    none = _compile(ckpt, tmp_path / "none", "none")
+    cfg = load_model_config(ckpt)
+    proto, inits = _initializers(fp8)
+    moe = [n for n in proto.graph.node if n.op_type == "MoE"]
+    assert len(moe) == sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)) > 0
+    assert {n.overload for n in moe} == {"fp8"} and any(f.name == "MoE" and f.overload == "fp8" for f in proto.functions)
+    E = cfg.num_experts
+    with open_checkpoint(ckpt) as c:
+        for n in moe:
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+            assert attrs["weight_format"] == b"fp8"
+            gate_up, down, shared_gate_up, shared_down = (n.input[i] for i in (2, 3, 4, 5))
+            layer = gate_up.split(".")[1]
+            src = f"model.layers.{layer}.mlp."
+            want = np.concatenate([c.get_raw(f"{src}experts.{e}.{p}_proj.weight").view(torch.uint8).numpy()[None]
+                                   for e in range(E) for p in ("gate", "up")], axis=1).reshape(E, -1, cfg.hidden_size)
+            np.testing.assert_array_equal(_fp8_bytes(inits[gate_up]), want)
+            want = np.stack([c.get_raw(f"{src}experts.{e}.down_proj.weight").view(torch.uint8).numpy() for e in range(E)])
+            np.testing.assert_array_equal(_fp8_bytes(inits[down]), want)
+            np.testing.assert_array_equal(_fp8_bytes(inits[shared_down]),
+                                          c.get_raw(f"{src}shared_expert.down_proj.weight").view(torch.uint8).numpy())
+            for w, s in zip((gate_up, down, shared_gate_up, shared_down), n.input[7:11]):
+                t = inits[s]
+                assert s == w + SCALE_SUFFIX and t.data_type == onnx.TensorProto.FLOAT
+                K = inits[w].dims[-1]
+                assert list(t.dims) == list(inits[w].dims[:-1]) + [-(-K // 128)]
+    vocab = cfg.vocab_size
+    ids = np.random.default_rng(3).integers(0, vocab, 21).tolist()
+    outs = []
+    for artifact in (fp8, none):
+        gen = load(artifact, threads=1)
+        try:
+            h = gen.session.allocate()
+            outs.append(np.stack([gen.session.prefill(h, ids), gen.session.decode([h], [5])[0]]))
+        finally:
+            gen.close()
+    np.testing.assert_allclose(outs[0], outs[1], rtol=0, atol=1e-5)
+
+
+def test_the_release_through_every_fp8_pass_is_not_requantized(tmp_path):
+    """weights + experts + kv_cache fp8 on the FP8 release: the passes add activation Q/DQ in
+    front of the kept projections (fp8_activations) and FP8 caches, and re-quantize nothing
+    (fp8_projection and fp8_experts rewrite no node: the weights are already the checkpoint's FP8)."""
+    import argparse as a
+
+    from qcn.compile.pipeline import run_pipeline
+    from qcn.compile.recipe import CalibrationOptions, GateOptions
+
+    ckpt = write_tiny_checkpoint(tmp_path / "ckpt", TINY_SPECS["default"], fp8_block=128, seed=4)
+    text = tmp_path / "t.txt"
+    text.write_text(Path(a.__file__).read_text())
+    q = QuantizationOptions(weights="fp8", experts="fp8", kv_cache="fp8",
+                            calibration=CalibrationOptions(source=text, tokens=512, seq_len=64),
+                            gate=GateOptions(tokens=512, seq_len=64, top1_min=None, ppl_ratio_max=None))
+    out = run_pipeline(Recipe(name="release", checkpoint=ckpt, output=tmp_path / "art",
+                              runtime=RuntimeOptions(max_context=256), quantization=q)).output
+    cfg = load_model_config(ckpt)
+    n_proj = sum(1 for s in weight_specs(cfg) if s.fp8 == "projection")
+    rows = {r["pass"]: r["graphs"]["prefill"] for r in json.loads((out / "passes_report.json").read_text())["passes"]
+            if r["runs"]}
+    assert rows["fp8_projection"]["rewritten"] == 0 and rows["fp8_experts"]["rewritten"] == 0
+    assert rows["fp8_activations"]["rewritten"] == n_proj
+    assert rows["kv_fp8"]["rewritten"] == cfg.layer_types.count("full_attention")
+    proto = onnx.load(str(out / "prefill.onnx"), load_external_data=False)
+    dq = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.name.endswith("_dq")]
+    assert len(dq) == n_proj  # the export's weight DQs, untouched
+    assert np.isfinite(json.loads((out / "accuracy.json").read_text())["ppl_ratio"])
