@@ -274,3 +274,72 @@ def test_lower_moe_rtx_must_not_touch_a_float_moe_and_refuses_unknown_formats():
         DEQUANTIZE.update(saved)
     why = {mod: dict((p.name, w) for p, w in plan_for(mod))["lower_moe_rtx"] for mod in ("tensorrt_rtx", "onnxruntime")}
     assert why["tensorrt_rtx"] is None and "ONNX Runtime runs" in why["onnxruntime"]
+
+
+def _fp8_moe_model(n_nodes: int, blocks: bool, e=4, hid=256, i=128, si=64) -> onnx.ModelProto:
+    """x -> n_nodes chained qcn::MoE weight_format "fp8" (quant's body), fp32 scales [.., R, G]:
+    G = 1 (one per row) or ceil(K/128) (``blocks``)."""
+    import torch
+
+    from qcn.compile.plugins.moe import op as moe_op
+    from qcn.compile.plugins.onnx_function import DOMAIN, DOMAIN_VERSION
+
+    g = torch.Generator().manual_seed(1)
+    shapes = {"gate_up": (e, 2 * i, hid), "down": (e, hid, i), "shared_gate_up": (2 * si, hid), "shared_down": (hid, si)}
+    inits, nodes, x = [], [], "x"
+    for j in range(n_nodes):
+        inits += [nh.from_array((torch.randn(e, hid, generator=g)).numpy(), f"router{j}"),
+                  nh.from_array(torch.randn(1, hid, generator=g).numpy(), f"sg{j}")]
+        for nm, shape in shapes.items():
+            w = torch.randn(*shape, generator=g) * 0.3
+            K = shape[-1]
+            G = -(-K // 128) if blocks else 1
+            B = 128 if blocks else K
+            amax = torch.nn.functional.pad(w.abs(), (0, G * B - K)).unflatten(-1, (G, B)).amax(-1)
+            s = (amax / 448).float()
+            q = (w / s.repeat_interleave(B, dim=-1)[..., :K]).clamp(-448, 448).to(torch.float8_e4m3fn)
+            inits += [h.make_tensor(f"{nm}{j}.fp8", TP.FLOAT8E4M3FN, list(shape), q.view(torch.uint8).numpy().tobytes(),
+                                    raw=True), nh.from_array(s.numpy(), f"{nm}{j}.s")]
+        node = h.make_node("MoE", [x, f"router{j}"] + [f"{n}{j}.fp8" for n in shapes] + [f"sg{j}"] + [f"{n}{j}.s" for n in shapes],
+                           [f"y{j}"], name=f"moe{j}", domain=DOMAIN, overload=moe_op.overload("fp8"), top_k=2,
+                           norm_topk_prob=1, weight_format="fp8")
+        nodes.append(node)
+        x = f"y{j}"
+    graph = h.make_graph(nodes, "moe", [h.make_tensor_value_info("x", TP.FLOAT, ["N", hid])],
+                         [h.make_tensor_value_info(x, TP.FLOAT, ["N", hid])], inits)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 23), h.make_opsetid(DOMAIN, DOMAIN_VERSION)],
+                        functions=[moe_op.function_proto(23, "float"), moe_op.function_proto(23, "fp8")])
+
+
+@pytest.mark.parametrize("blocks", [False, True], ids=["per_row", "1x128"])
+def test_fp8_moe_needs_lower_moe_rtx_and_keeps_its_numbers_and_fp8_weights(tmp_path, blocks):
+    """The fp8 body Casts its FP8 weights, which TensorRT-RTX refuses (only a DequantizeLinear may
+    read an FP8 tensor); lower_moe_rtx gives each weight a DequantizeLinear equal to the body's
+    (block K per row, or 128): it builds for SM89 with the expert weights kept FP8, and ONNX
+    Runtime gives the fp8 body's numbers."""
+    import onnxruntime as ort
+
+    from qcn.compile.passes.base import apply, to_ir, to_proto
+    from qcn.compile.passes.lower_moe_rtx import LowerMoeRtx
+
+    model = _fp8_moe_model(2, blocks)
+    only_fp8 = onnx.ModelProto()
+    only_fp8.CopyFrom(model)
+    del only_fp8.functions[0]
+    with pytest.raises(trtb.BuildError, match=r"FP8"):
+        _build_moe(tmp_path, only_fp8, "fp8_body", ccs=("8.9",))
+    m = to_ir(model, "test")
+    res = apply(LowerMoeRtx(), m)
+    lowered = to_proto(m)
+    assert res.counts() == {"matched": 2, "rewritten": 2, "refused": 0, "new_nodes": 10}
+    assert [(f.name, f.overload) for f in lowered.functions] == [("MoE", "")]
+    dq = [n for n in lowered.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 8 and {a.i for n in dq for a in n.attribute if a.name == "block_size"} == (
+        {128, 64} if blocks else {256, 128, 64})  # 1x128: shared_down's K = 64 is one block (B = K)
+    onnx.checker.check_model(lowered, full_check=True)
+    x = np.random.default_rng(6).standard_normal((7, 256)).astype(np.float32)
+    run = lambda mm: ort.InferenceSession(mm.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]  # noqa: E731
+    want = run(model)
+    np.testing.assert_allclose(run(lowered), want, rtol=0, atol=1e-5 * max(1.0, float(np.abs(want).max())))
+    layers = _build_moe(tmp_path, lowered, "fp8_lowered", ccs=("8.9",))
+    assert sum(1 for l in layers for c in l["constants"] if c["dtype"] == "fp8" and len(c["shape"]) == 3) == 4
