@@ -117,6 +117,15 @@ class QcnRule(RewriteRuleClassBase):
         return outputs
 
 
+class ContextRule(QcnRule):
+    """A rule that reads the stage's PassContext (recipe options, the pass weights, calibrated
+    ranges: compile/passes/context.py). Subclasses set ``pass_name`` as a class attribute."""
+
+    def __init__(self, ctx):
+        super().__init__({})
+        self.ctx = ctx
+
+
 def apply(rule: QcnRule, model: ir.Model) -> PassResult:
     """Run ``rule`` over ``model`` (in place); drop model functions no node calls any more."""
     count = RewriteRuleSet([RewriteRule(rule.pattern, rule.rewrite, rule.check, name=rule.name)]).apply_to_model(model)

@@ -18,7 +18,7 @@ import math
 import onnx_ir as ir
 import torch
 
-from ..base import QcnRule, refuse
+from ..base import ContextRule, refuse
 from ..plan import ALL_MODULES, PassSpec
 from . import fp8
 from .fp8_projection import FLOATS, quantized_output, torch_dtype
@@ -37,17 +37,11 @@ def _dq_weight(w: ir.Value) -> ir.Value | None:
     return q
 
 
-class Fp8Activations(QcnRule):
+class Fp8Activations(ContextRule):
     root_domain, root_op = "", "MatMul"
     graph_only = True
 
-    def __init__(self, ctx):
-        super().__init__({})
-        self.ctx = ctx
-
-    @property
-    def pass_name(self) -> str:
-        return PASS
+    pass_name = PASS
 
     def pattern(self, op, x, w):
         return op.MatMul(x, w)

@@ -20,7 +20,7 @@ import onnx_ir as ir
 import torch
 
 from ...plugins.moe import op as moe_op
-from ..base import QcnRule, attr, refuse
+from ..base import ContextRule, attr, refuse
 from ..plan import ALL_MODULES, PassSpec
 from . import fp8
 
@@ -47,18 +47,15 @@ def quantize_rows(w: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torc
     return q, s
 
 
-class Fp8Experts(QcnRule):
+class Fp8Experts(ContextRule):
     root_domain, root_op = "qcn", "MoE"
     graph_only = True
 
-    def __init__(self, ctx):
-        super().__init__({})
-        self.ctx = ctx
-        self._model = None
+    pass_name = PASS
 
-    @property
-    def pass_name(self) -> str:
-        return PASS
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self._model = None
 
     def pattern(self, op, x, router_weight, gate_up, down, shared_gate_up, shared_down, shared_gate):
         return op.MoE(x, router_weight, gate_up, down, shared_gate_up, shared_down, shared_gate, _domain="qcn",

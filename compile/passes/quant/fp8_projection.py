@@ -25,7 +25,7 @@ import onnx_ir as ir
 import torch
 from qcn.artifact import DTYPES, from_onnx
 
-from ..base import QcnRule, refuse
+from ..base import ContextRule, refuse
 from ..plan import ALL_MODULES, PassSpec
 from . import fp8
 
@@ -50,17 +50,11 @@ def _quantized(w: ir.Value) -> bool:
     return p is not None and p.op_type == "DequantizeLinear" and p.domain == ""
 
 
-class Fp8Projection(QcnRule):
+class Fp8Projection(ContextRule):
     root_domain, root_op = "", "MatMul"
     graph_only = True
 
-    def __init__(self, ctx):
-        super().__init__({})
-        self.ctx = ctx
-
-    @property
-    def pass_name(self) -> str:
-        return PASS
+    pass_name = PASS
 
     def pattern(self, op, x, w):
         return op.MatMul(x, w)

@@ -33,7 +33,7 @@ import onnx_ir as ir
 import torch
 
 from ...plugins.attention.op import FP8_OVERLOAD, function_proto
-from ..base import PassError, QcnRule, attr, refuse
+from ..base import ContextRule, PassError, attr, refuse
 from ..plan import ALL_MODULES, PassSpec
 
 PASS = "kv_fp8"
@@ -60,17 +60,11 @@ def _graph_output(graph: ir.Graph, name: str) -> ir.Value | None:
     return next((o for o in graph.outputs if o.name == name), None)
 
 
-class KvFp8(QcnRule):
+class KvFp8(ContextRule):
     root_domain, root_op = "qcn", "CachedAttention"
     graph_only = True
 
-    def __init__(self, ctx):
-        super().__init__({})
-        self.ctx = ctx
-
-    @property
-    def pass_name(self) -> str:
-        return PASS
+    pass_name = PASS
 
     def pattern(self, op, q, k, v, past_key, past_value, past_len):
         return op.CachedAttention(q, k, v, past_key, past_value, past_len, _domain="qcn")
