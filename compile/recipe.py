@@ -145,7 +145,9 @@ class GenerationOptions:
     top_k: int | None = None
 
 
-FP8_GRANULARITIES = ("channel", "block128")  # per output channel | 1x128 blocks along K (in)
+FP8_GRANULARITIES = ("channel", "block128")
+INT4_METHODS = ("awq", "rtn")
+INT4_CPU_ACCURACY_LEVELS = (0, 1, 4)  # per output channel | 1x128 blocks along K (in)
 RANGE_METHODS = ("max", "percentile")
 
 
@@ -196,6 +198,10 @@ class QuantizationOptions:
     fp8_granularity: str = "channel"  # FP8 weight scales: channel | block128 (docs/QUANTIZATION.md)
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
     gate: GateOptions = field(default_factory=GateOptions)
+    # --- int4 (issue #11; docs/QUANTIZATION.md, INT4) ---
+    int4_method: str = "rtn"  # rtn | awq: how INT4 g128 weights are rounded (rtn: the better on qcn-pico, BENCHMARKS.md)
+    int4_cpu_accuracy_level: int = 0  # cpu target: MatMulNBits/QMoE accuracy_level (0 fp32 activations, 4 int8)
+    keep: tuple[str, ...] = ()  # initializer-name patterns (fnmatch) kept in the activation dtype
 
     @property
     def active(self) -> bool:
@@ -298,6 +304,13 @@ def _quantization_section(data: Any) -> QuantizationOptions:
         data["calibration"] = _section(CalibrationOptions, cal, "quantization.calibration")
     if "gate" in data:
         data["gate"] = _section(GateOptions, data["gate"], "quantization.gate")
+    if "keep" in data:
+        keep = data["keep"]
+        if keep is None:
+            keep = []
+        if not isinstance(keep, list):
+            raise RecipeError(f"quantization.keep: expected a list of initializer-name patterns, got {keep!r}")
+        data["keep"] = tuple(keep)
     return _section(QuantizationOptions, data, "quantization")
 
 
@@ -380,6 +393,13 @@ def validate(recipe: Recipe) -> Recipe:
     _choice(q.experts, WEIGHT_PRECISIONS, "quantization.experts")
     _choice(q.kv_cache, KV_PRECISIONS, "quantization.kv_cache")
     _choice(q.fp8_granularity, FP8_GRANULARITIES, "quantization.fp8_granularity")
+    _choice(q.int4_method, INT4_METHODS, "quantization.int4_method")
+    if q.int4_cpu_accuracy_level not in INT4_CPU_ACCURACY_LEVELS:
+        raise RecipeError(f"quantization.int4_cpu_accuracy_level: {q.int4_cpu_accuracy_level!r}; valid: "
+                          f"{list(INT4_CPU_ACCURACY_LEVELS)} (0 and 1: fp32 activations, 4: int8 activations)")
+    if any(not isinstance(k, str) or not k for k in q.keep):
+        raise RecipeError(f"quantization.keep: expected a list of initializer-name patterns (strings, e.g. "
+                          f"[lm_head, \"layers.0.*\"]), got {list(q.keep)!r}")
     c, gt = q.calibration, q.gate
     _number(c.tokens, "quantization.calibration.tokens", integer=True, minimum=1)
     _number(c.seq_len, "quantization.calibration.seq_len", integer=True, minimum=2)

@@ -162,9 +162,8 @@ def test_layer_report_parser_refuses_other_text():
     assert lb.find_layer_report([(3, "something")]) is None
 
 
-def test_int4_moe_body_builds_with_int4_expert_weights_on_sm86_and_sm120(tmp_path):
-    """qcn::MoE weight_format "int4" (its function body dequantizes each whole INT4 expert stack
-    before gathering): builds for SM86 + SM120; every expert weight stays an Int4 constant."""
+def _int4_moe_model(n_nodes: int = 1, e=4, hid=256, i=128, si=64) -> onnx.ModelProto:
+    """x -> n_nodes chained qcn::MoE weight_format "int4" (int4's body), one weight set per node."""
     import onnx_ir as ir
     import torch
 
@@ -173,28 +172,43 @@ def test_int4_moe_body_builds_with_int4_expert_weights_on_sm86_and_sm120(tmp_pat
     from qcn.compile.plugins.moe import op as moe_op
     from qcn.compile.plugins.onnx_function import DOMAIN, DOMAIN_VERSION
 
-    e, hid, i, si = 4, 256, 128, 64
     g = torch.Generator().manual_seed(0)
-    w = MoeWeights(torch.randn(e, hid, generator=g), torch.randn(e, 2 * i, hid, generator=g) * 0.3,
-                   torch.randn(e, hid, i, generator=g) * 0.3, torch.randn(2 * si, hid, generator=g) * 0.3,
-                   torch.randn(hid, si, generator=g) * 0.3, 2, True)
-    q = quantize_moe("l", w, "rtn", None, torch.float32)
     names = ("gate_up", "down", "shared_gate_up", "shared_down")
-    inits = [nh.from_array(w.router.numpy(), "router"), nh.from_array(torch.randn(1, hid, generator=g).numpy(), "sg")]
-    for nm in names:
-        inits += [ir.serde.serialize_tensor(int4_tensor(q.q[nm], f"{nm}.int4")), nh.from_array(q.scale[nm].numpy(), f"{nm}.s")]
-    node = h.make_node("MoE", ["x", "router"] + [f"{n}.int4" for n in names] + ["sg"] + [f"{n}.s" for n in names], ["y"],
-                       domain=DOMAIN, overload=moe_op.overload("int4"), top_k=2, norm_topk_prob=1, weight_format="int4")
-    graph = h.make_graph([node], "moe", [h.make_tensor_value_info("x", TP.FLOAT, ["N", hid])],
-                         [h.make_tensor_value_info("y", TP.FLOAT, ["N", hid])], inits)
-    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 23), h.make_opsetid(DOMAIN, DOMAIN_VERSION)],
-                         functions=[moe_op.function_proto(23, "int4")])
-    path = tmp_path / "moe_int4.onnx"
+    inits, nodes, x = [], [], "x"
+    for j in range(n_nodes):
+        w = MoeWeights(torch.randn(e, hid, generator=g), torch.randn(e, 2 * i, hid, generator=g) * 0.3,
+                       torch.randn(e, hid, i, generator=g) * 0.3, torch.randn(2 * si, hid, generator=g) * 0.3,
+                       torch.randn(hid, si, generator=g) * 0.3, 2, True)
+        q = quantize_moe(f"l{j}", w, "rtn", None, torch.float32)
+        inits += [nh.from_array(w.router.numpy(), f"router{j}"), nh.from_array(torch.randn(1, hid, generator=g).numpy(), f"sg{j}")]
+        for nm in names:
+            inits += [ir.serde.serialize_tensor(int4_tensor(q.q[nm], f"{nm}{j}.int4")), nh.from_array(q.scale[nm].numpy(), f"{nm}{j}.s")]
+        node = h.make_node("MoE", [x, f"router{j}"] + [f"{n}{j}.int4" for n in names] + [f"sg{j}"] + [f"{n}{j}.s" for n in names],
+                           [f"y{j}"], name=f"moe{j}", domain=DOMAIN, overload=moe_op.overload("int4"), top_k=2,
+                           norm_topk_prob=1, weight_format="int4")
+        nodes.append(node)
+        x = f"y{j}"
+    graph = h.make_graph(nodes, "moe", [h.make_tensor_value_info("x", TP.FLOAT, ["N", hid])],
+                         [h.make_tensor_value_info(x, TP.FLOAT, ["N", hid])], inits)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 23), h.make_opsetid(DOMAIN, DOMAIN_VERSION)],
+                        functions=[moe_op.function_proto(23, "float"), moe_op.function_proto(23, "int4")])
+
+
+def _build_moe(tmp_path: Path, model: onnx.ModelProto, name: str, ccs=("8.6", "12.0"), hid=256):
+    path = tmp_path / f"{name}.onnx"
     onnx.save(model, path)
     prof = trtb.Profile("all", ("prefill",), {"x": ((1, hid), (4, hid), (16, hid))})
-    config = trtb.create_config(trt, [prof], workspace_gib=0.5, compute_capabilities=("8.6", "12.0"))
-    _, _, report = trtb.engine_bytes(trt, trtb.NetworkFromOnnxPath(trt, path), config)
-    layers = lb.parse_layer_report(report)
+    config = trtb.create_config(trt, [prof], workspace_gib=0.5, compute_capabilities=ccs)
+    return lb.parse_layer_report(trtb.engine_bytes(trt, trtb.NetworkFromOnnxPath(trt, path), config)[2])
+
+
+def test_int4_moe_body_builds_with_int4_expert_weights_on_sm86_and_sm120(tmp_path):
+    """One qcn::MoE weight_format "int4" (its body dequantizes each whole INT4 expert stack before
+    gathering): builds for SM86 + SM120; every expert weight stays an Int4 constant."""
+    e, hid, i, si = 4, 256, 128, 64
+    model = _int4_moe_model(1)
+    del model.functions[0]  # the int4 body only: the parser ignores overloads (next test)
+    layers = _build_moe(tmp_path, model, "moe_int4")
     weights = [c for l in layers for c in l["constants"] if len(c["shape"]) >= 2]
     # the four expert weights are Int4 constants: routed [E, 2I, H] and [E, H, I], shared [2SI, H] and [H, SI]
     # (each as the builder lays it out); none of them was folded to a float constant
@@ -202,3 +216,61 @@ def test_int4_moe_body_builds_with_int4_expert_weights_on_sm86_and_sm120(tmp_pat
                   for c in weights if c["dtype"] == "int4") == sorted([e * 2 * i * hid, e * hid * i, 2 * si * hid, hid * si])
     assert not [c for c in weights if c["dtype"] == "float32" and c["shape"][-2] * c["shape"][-1] >= hid * si]
     assert lb.gemm_precisions(layers).get("int4_weight_only", 0) >= 1
+
+
+def test_two_int4_moe_need_lower_moe_rtx_and_keep_their_numbers(tmp_path):
+    """TensorRT-RTX 1.7.1 cannot parse the int4 body twice (its Dequantize layer names collide) nor
+    pick an overload; lower_moe_rtx moves the DequantizeLinear nodes into the graph: it builds,
+    the expert weights stay Int4, and ONNX Runtime gives the same numbers as the int4 body."""
+    import onnxruntime as ort
+
+    from qcn.compile.passes.base import apply, to_ir, to_proto
+    from qcn.compile.passes.lower_moe_rtx import LowerMoeRtx
+
+    model = _int4_moe_model(2)
+    with pytest.raises(trtb.BuildError, match=r"node.input\(\).size\(\) == function.input\(\).size\(\)"):
+        _build_moe(tmp_path, model, "two_int4")  # the float body (listed first) is inlined for the int4 nodes
+    only_int4 = onnx.ModelProto()
+    only_int4.CopyFrom(model)
+    del only_int4.functions[0]
+    with pytest.raises(trtb.BuildError, match=r"\[Dequantize\].*already in use"):
+        _build_moe(tmp_path, only_int4, "two_int4_only")
+    m = to_ir(model, "test")
+    res = apply(LowerMoeRtx(), m)
+    lowered = to_proto(m)
+    assert res.counts() == {"matched": 2, "rewritten": 2, "refused": 0, "new_nodes": 10}
+    assert [(f.name, f.overload) for f in lowered.functions] == [("MoE", "")]  # the int4 body is gone
+    assert [n.op_type for n in lowered.graph.node].count("DequantizeLinear") == 8
+    onnx.checker.check_model(lowered, full_check=True)
+    layers = _build_moe(tmp_path, lowered, "two_lowered")
+    assert sum(1 for l in layers for c in l["constants"] if c["dtype"] == "int4" and len(c["shape"]) == 3) == 4
+    x = np.random.default_rng(5).standard_normal((7, 256)).astype(np.float32)
+    run = lambda mm: ort.InferenceSession(mm.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]  # noqa: E731
+    np.testing.assert_allclose(run(lowered), run(model), rtol=0, atol=1e-5 * max(1.0, float(np.abs(run(model)).max())))
+
+
+def test_lower_moe_rtx_must_not_touch_a_float_moe_and_refuses_unknown_formats():
+    from qcn.compile.passes.base import apply, to_ir, to_proto
+    from qcn.compile.passes.lower_moe_rtx import DEQUANTIZE, LowerMoeRtx
+    from qcn.compile.passes.plan import plan_for
+
+    model = _int4_moe_model(1)
+    node = model.graph.node[0]
+    float_node = h.make_node("MoE", list(node.input[:7]), ["y_float"], name="moe_float", domain=node.domain,
+                             top_k=2, norm_topk_prob=1, weight_format="float")
+    model.graph.node.append(float_node)
+    model.graph.output.append(h.make_tensor_value_info("y_float", TP.FLOAT, ["N", 256]))
+    # the float node reads INT4 tensors here; only its arity matters for the matcher (7 inputs: no match)
+    m = to_ir(model, "test")
+    res = apply(LowerMoeRtx(), m)
+    assert res.counts()["matched"] == 1 and res.rewritten == 1
+    assert {n.name for n in to_proto(m).graph.node if n.op_type == "MoE"} >= {"moe_float"}
+    saved = dict(DEQUANTIZE)
+    DEQUANTIZE.pop("int4")
+    try:
+        res = apply(LowerMoeRtx(), to_ir(_int4_moe_model(1), "test"))
+        assert res.rewritten == 0 and "no DequantizeLinear form" in res.refused[0][1]
+    finally:
+        DEQUANTIZE.update(saved)
+    why = {mod: dict((p.name, w) for p, w in plan_for(mod))["lower_moe_rtx"] for mod in ("tensorrt_rtx", "onnxruntime")}
+    assert why["tensorrt_rtx"] is None and "ONNX Runtime runs" in why["onnxruntime"]

@@ -1,5 +1,5 @@
 """The passes stage as a stage (compile/passes/stage.py): its directory, report and manifest, for
-the cpu target (no pass applies: every pass reported as not run, with why) and for a full
+the cpu target (its cpu_* lowerings run; the plugin lowerings are reported as not run, with why) and for a full
 TensorRT target (the plugin lowerings run: graphs after each pass, counts, plugin configs),
 and stage skipping by input hashes."""
 
@@ -40,7 +40,8 @@ def cpu_art(ckpt, tmp_path_factory):
 def test_cpu_passes_dir_is_the_artifact_with_a_report_of_every_pass(cpu_art):
     m = json.loads((cpu_art / "manifest.json").read_text())
     runs_on_cpu = [p.name for p, why in plan_for("onnxruntime") if why is None]
-    assert runs_on_cpu == ["fuse_rms_norm"]  # the fusions that pay on ONNX Runtime (docs/PASSES.md)
+    # the fusions that pay on ONNX Runtime and the cpu lowerings (docs/PASSES.md)
+    assert runs_on_cpu == ["fuse_rms_norm", "cpu_gated_deltanet", "cpu_moe"]
     assert m["stage"] == "passes" and m["passes"]["module"] == "onnxruntime" and m["passes"]["run"] == runs_on_cpu
     report = json.loads((cpu_art / REPORT).read_text())
     names = [p.name for p in pass_table()]
@@ -48,23 +49,28 @@ def test_cpu_passes_dir_is_the_artifact_with_a_report_of_every_pass(cpu_art):
     lowerings = {e.lowering.pass_name for e in OPS}
     for row in report["passes"]:
         assert set(row["graphs"]) == {"prefill", "decode"}
-        if row["pass"] in runs_on_cpu:
+        if row["pass"] in runs_on_cpu:  # tests/test_cpu_lowering.py checks what the cpu lowerings emit
             assert row["runs"] is True and all(c["rewritten"] >= 1 and c["refused"] == 0 for c in row["graphs"].values()), row
             continue
         why = ("onnxruntime runs the op's ONNX function body" if row["pass"] in lowerings
+               else "ONNX Runtime runs the quantized MoE body" if row["pass"] == "lower_moe_rtx"  # tensorrt_rtx only
                else "quantization.")  # the quantization rows: nothing asked for ("quantization.weights is 'none'")
         assert row["runs"] is False and why in row["why_not"], row
         assert all(c["rewritten"] == 0 for c in row["graphs"].values()), row
-        if row["pass"] in lowerings:
+        if row["pass"] == "lower_cached_attention":  # the cpu lowerings left no GatedDeltaNet / float MoE node
             assert all(c["op_nodes"] >= 1 for c in row["graphs"].values()), row
+    gdn = next(r for r in report["passes"] if r["pass"] == "cpu_gated_deltanet")
+    assert all(c["rewritten"] == c["matched"] >= 1 and c["refused"] == 0 for c in gdn["graphs"].values()), gdn
     text = report_text(report)
     assert all(n in text for n in names) and "not run" in text
-    # the graphs are the fused ones; the weights are the export's file (hard link), listed and hashed
+    # the graphs are the fused / lowered ones; the weights are the export's file (hard link), listed and hashed
     export = cpu_art.with_name(cpu_art.name + ".stages") / "export"
     assert os.path.samefile(cpu_art / "weights.bin", export / "weights.bin")
     for f in ("prefill.onnx", "decode.onnx"):
         assert not os.path.samefile(cpu_art / f, export / f)
-        assert "RMSNormalization" in {n.op_type for n in onnx.load(str(cpu_art / f), load_external_data=False).graph.node}
+        kinds = {(n.domain, n.op_type) for n in onnx.load(str(cpu_art / f), load_external_data=False).graph.node}
+        assert {("", "RMSNormalization"), ("com.microsoft", "LinearAttention"), ("", "Unique")} <= kinds, kinds
+        assert not {("qcn", "GatedDeltaNet"), ("qcn", "MoE")} & kinds
     assert sorted(m["files"]) == sorted(p.name for p in cpu_art.iterdir() if p.name != "manifest.json")
     assert all(sha256_file(cpu_art / f) == d for f, d in m["files"].items())
 

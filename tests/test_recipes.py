@@ -20,7 +20,6 @@ from qcn.compile.recipe import TARGET_TABLE, RecipeError, load_recipe
 REAL = Path("recipes/models/qwen3-coder-next")
 HAVE_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
-INT4 = "quantization.experts: int4 needs a quantization pass for it, and no pass implements it yet"
 NO_TRT = "python module 'tensorrt' is not installed; install it: full TensorRT >= 10.9"
 
 # recipe -> (budget fits, reasons it fails today); [] = builds
@@ -28,13 +27,16 @@ SHIPPED = {
     "tiny_cpu": (None, []),
     "pico_cpu": (None, []),
     "pico_fp8_cpu": (None, []),
+    "pico_int4_cpu": (None, []),
+    "pico_cpu_mtp": (None, []),
     "pico_cpu_mtp": (None, []),
     "pico_fp8_kv_cpu": (None, []),
     "tiny_rtx": (True, []),
+    "rtx_sm89_fp8": (True, []),
     "h100_fp8": (True, [NO_TRT]),
     "h200_fp8": (True, [NO_TRT]),
-    "h100_int4": (True, [INT4, NO_TRT]),
-    "a100_int4": (True, [INT4, NO_TRT]),
+    "h100_int4": (True, [NO_TRT]),   # FP8 projections + INT4 experts: both passes exist
+    "a100_int4": (True, [NO_TRT]),
     "l40s_fp8": (False, ["does not fit: needs 77.9 GiB on one l40s (44.5 GiB usable); cheapest fix: INT4 experts",
                          NO_TRT]),
     "rtx_pro_6000_fp8": (True, []),
@@ -57,7 +59,7 @@ def test_shipped_recipe_validates_or_fails_for_its_documented_reason(name, tiny_
     assert text.startswith("#"), "every recipe starts with a comment saying why"
     recipe = load_recipe(f"recipes/{name}.yaml", checkpoint=tiny_ckpt if name.startswith("tiny") else None)
     fits, reasons = SHIPPED[name]
-    if name == "tiny_rtx" and not HAVE_RTX:
+    if name in ("tiny_rtx", "rtx_sm89_fp8") and not HAVE_RTX:
         reasons = ["pip install tensorrt-rtx"]
     if HAVE_TRT:
         reasons = [r for r in reasons if r != NO_TRT]

@@ -104,6 +104,34 @@ def test_single_sequence_and_restarted_sessions_agree(pico):
     assert alone.token_ids == batch[1].token_ids
 
 
+def test_host_state_store_speculates_identically(pico):
+    """The plain HostStateStore (backend.run by value) implements step_with/set_carried too:
+    speculation over it gives the ORT store's tokens."""
+    from qcn.runtime.generate import generate
+    from qcn.runtime.session import Session
+    from qcn.runtime.state import HostStateStore
+
+    class HostBackend:
+        def __init__(self, inner):
+            self.inner, self.manifest = inner, inner.manifest
+
+        def run(self, graph, feeds):
+            return self.inner.run(graph, feeds)
+
+        def create_state(self, *, slots, max_context, manifest=None):
+            return HostStateStore(self, slots=slots, max_context=max_context, manifest=manifest)
+
+    session = Session(pico.manifest, HostBackend(pico.backend), tokenizer=pico.tokenizer, max_context=512)
+    params = pico.params(max_new_tokens=30, temperature=0)
+    try:
+        host = generate(session, PROMPTS[:3], params, speculative=2)
+    finally:
+        session.close()
+    ort = pico.generate(PROMPTS[:3], params, speculative=0)
+    assert [r.token_ids for r in host] == [r.token_ids for r in ort]
+    assert host[0].speculative.generated > 0
+
+
 def _oracle(monkeypatch, truth: dict[int, list[int]], n: int, seed: int = 0):
     """Replace the head's drafts by the plain run's true continuation, each draft corrupted
     with probability 0.35 (the MTP calls still run): every accept count 0..N occurs."""

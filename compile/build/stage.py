@@ -97,6 +97,17 @@ def check_io(network_io: dict, graph_spec: GraphSpec, where: str) -> None:
                                       f"{len(t.shape)} in the manifest")
 
 
+def known_failure_hint(recipe: Recipe, error: str) -> str:
+    """A measured TensorRT-RTX limitation behind ``error``, with the recipe change that avoids it
+    (docs/BUILD.md, "Quantized graphs on TensorRT-RTX"); "" when none is known."""
+    q = recipe.quantization
+    if (recipe.target_info.module == "tensorrt_rtx" and "CHECK(is_constant())" in error
+            and q.weights == "fp8" and q.fp8_granularity == "block128"):
+        return ("\n  known TensorRT-RTX 1.7.1 limitation: FP8 1x128 block scales on a MatMul with a rank-3 activation "
+                "crash Myelin (docs/BUILD.md); use quantization.fp8_granularity: channel")
+    return ""
+
+
 def build_stage(recipe: Recipe, onnx_dir: Path, out: Path, *, module_version: str | None = None,
                 inputs_sha256: str | None = None, budget: dict | None = None, force: bool = False) -> Path:
     target = recipe.target_info
@@ -132,7 +143,10 @@ def build_stage(recipe: Recipe, onnx_dir: Path, out: Path, *, module_version: st
 
     with tempfile.TemporaryDirectory(prefix="qcn-build-") as scratch:
         new_cache = Path(scratch) / TIMING_CACHE if target.module == "tensorrt" else None
-        engine, seconds, report = trtb.engine_bytes(trt, network_and_check, config, save_timing_cache=new_cache)
+        try:
+            engine, seconds, report = trtb.engine_bytes(trt, network_and_check, config, save_timing_cache=new_cache)
+        except trtb.BuildError as e:
+            raise trtb.BuildError(f"{e}{known_failure_hint(recipe, str(e))}") from e
         cache = new_cache.read_bytes() if new_cache is not None and new_cache.is_file() else None
     header = parse_header(engine)
     version = module_version or trt.__version__

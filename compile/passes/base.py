@@ -128,8 +128,10 @@ def apply(rule: QcnRule, model: ir.Model) -> PassResult:
             model.opset_imports.setdefault(PLUGIN_DOMAIN, 1)
         for name in [n for n, v in model.graph.initializers.items() if not v.uses() and not v.is_graph_output()]:
             del model.graph.initializers[name]  # replaced weights (their bytes stay in the file they were in)
-        used = {(n.domain, n.op_type) for n in model.graph.all_nodes()}
-        for key in [k for k, f in model.functions.items() if (f.domain, f.name) not in used]:
+        # a function is (domain, name, overload): an overload no node calls any more goes too (TensorRT-RTX's
+        # parser ignores overloads and would inline a stale one: compile/passes/lower_moe_rtx.py)
+        used = {(n.domain, n.op_type, n.overload or "") for n in model.graph.all_nodes()}
+        for key in [k for k, f in model.functions.items() if (f.domain, f.name, f.overload or "") not in used]:
             del model.functions[key]
     return res
 

@@ -9,6 +9,7 @@ ignore it.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -27,3 +28,8 @@ class PassContext:
     # calibration key (a pass's choice; the FP8 rules use the weight's initializer name) -> range,
     # shared by every graph: filled from the prefill graph before the pass that asked runs
     ranges: dict[str, "ActivationRange"] = field(default_factory=dict)
+    # int4 (AWQ): (prefill proto, tensor names, progress label) -> one {name: array} per calibration
+    # batch, for passes that accumulate their own statistics (None: no calibration source)
+    activations: "Callable[..., Iterator[dict]] | None" = None
+    # per-stage state a pass shares between its graphs (the INT4 plan, made on prefill), by pass key
+    shared: dict = field(default_factory=dict)

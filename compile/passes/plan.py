@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from .context import PassContext
 
 WHY_NOT = {
-    "onnxruntime": "onnxruntime runs the op's ONNX function body (no plugins on this target)",
+    "onnxruntime": "onnxruntime runs the op's ONNX function body or a cpu_* lowering's form (no plugins on this target)",
     "tensorrt_rtx": "TensorRT-RTX has no plugin path; its ONNX parser inlines the op's function body",
 }
 ALL_MODULES = ("onnxruntime", "tensorrt", "tensorrt_rtx")
@@ -72,7 +72,10 @@ def _quantization() -> tuple[PassSpec, ...]:
     from .quant import fp8_activations, fp8_experts, fp8_projection
 
     rows = [fp8_projection.SPEC, fp8_activations.SPEC, fp8_experts.SPEC]
-    # --- int4 (issue #11): add INT4 rows here ---
+    # --- int4 (issue #11): INT4 weight-only projections and experts, then their CPU forms ---
+    from .quant import int4_rows
+
+    rows += list(int4_rows.ROWS)
     # --- fp8x (issue #10 part 3): the FP8 KV cache, after the weight rows (it calibrates the new K/V of the
     # graph with quantized weights: what the cache will hold) ---
     from .quant import kv_fp8
@@ -96,10 +99,44 @@ def fusions() -> tuple[PassSpec, ...]:
     )
 
 
+# --- TensorRT-RTX lowerings (rtx): after quantization, for the forms TensorRT-RTX's parser cannot inline ---
+
+def rtx_lowerings() -> tuple[PassSpec, ...]:
+    from .lower_moe_rtx import LowerMoeRtx
+
+    return (
+        PassSpec("lower_moe_rtx", lambda ctx: LowerMoeRtx(None), ("tensorrt_rtx",), ("qcn", "MoE"),
+                 "quantized qcn::MoE -> its weights' DequantizeLinear in the graph + the float qcn::MoE "
+                 "(TensorRT-RTX cannot inline a body with DequantizeLinear twice, nor pick an overload)",
+                 reasons={"onnxruntime": "ONNX Runtime runs the quantized MoE body (function overloads) as it is",
+                          "tensorrt": "full TensorRT lowers qcn::MoE to its plugins (lower_moe)"}),
+    )
+
+
+# --- CPU lowerings (cpu): after fusions and quantization, before the plugin lowerings ----------
+# qcn ops -> fast forms of standard ONNX ops and ONNX Runtime CPU contrib kernels, equal to the
+# function bodies to fp32 rounding (tests/test_cpu_lowering.py); docs/PASSES.md "cpu lowerings".
+
+CPU_ONLY = {m: "a CPU lowering: its fast forms are ONNX Runtime CPU kernels (this target keeps the op for its own "
+              "lowering or parser)" for m in ("tensorrt", "tensorrt_rtx")}
+
+
+def cpu_lowerings() -> tuple[PassSpec, ...]:
+    from .cpu_gated_deltanet import CpuGatedDeltaNet
+    from .cpu_moe import CpuMoE
+
+    return (
+        PassSpec(CpuGatedDeltaNet.pass_name, lambda ctx: CpuGatedDeltaNet(None), ("onnxruntime",), ("qcn", CpuGatedDeltaNet.root_op),
+                 "qcn::GatedDeltaNet -> com.microsoft.LinearAttention (gated_delta) + conv/norm in standard ops",
+                 reasons=CPU_ONLY),
+        PassSpec(CpuMoE.pass_name, lambda ctx: CpuMoE(None), ("onnxruntime",), ("qcn", CpuMoE.root_op),
+                 "qcn::MoE (float) -> only the selected experts (Unique + Gather + batched MatMul)",
+                 reasons=CPU_ONLY),
+    )
+
+
 def pass_table() -> tuple[PassSpec, ...]:
-    # --- cpu (issue #12): CPU lowering rows go between quantization and the plugin lowerings ---
-    cpu: tuple[PassSpec, ...] = ()
-    return fusions() + _quantization() + cpu + _lowerings()
+    return fusions() + _quantization() + cpu_lowerings() + rtx_lowerings() + _lowerings()
 
 
 def plan_for(module: str, quant: "QuantizationOptions | None" = None) -> list[tuple[PassSpec, str | None]]:

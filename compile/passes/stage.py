@@ -28,15 +28,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
+import torch
 from qcn.artifact import Manifest, PassesSection, sha256_file
 
 from ..artifacts import atomic_dir
 from .base import PassError, apply, to_ir, to_proto
 from .context import PassContext
 from .plan import plan_for
-from .quant.weights import PassWeights
+from .quant.weights import PASSES_WEIGHTS, PassWeights
 from ..recipe import QuantizationOptions
 
 log = logging.getLogger(__name__)
@@ -73,9 +75,11 @@ class StageInputs:
     calibrate: Callable | None = None  # (proto of the current prefill graph, {key: tensor}) -> {key: range}
     ranges: dict = field(default_factory=dict)
     calibrated: dict = field(default_factory=dict)  # pass -> number of tensors it had calibrated
+    activations: Callable | None = None  # int4: (proto, names, desc) -> iterator of {name: array} per batch
+    shared: dict = field(default_factory=dict)  # per-stage state of passes (PassContext.shared)
 
     def context(self, graph: str) -> PassContext:
-        return PassContext(self.module, self.quant, graph, self.weights, self.ranges)
+        return PassContext(self.module, self.quant, graph, self.weights, self.ranges, self.activations, self.shared)
 
 
 def run_graph(proto: onnx.ModelProto, module: str, where: str, on_change=None, *, graph: str = "prefill",
@@ -128,6 +132,89 @@ def _calibrator(export_dir: Path, out: Path, src_manifest: Manifest, quant: Quan
     return calibrate
 
 
+def _activations(export_dir: Path, out: Path, src_manifest: Manifest, quant: QuantizationOptions, progress: bool):
+    """Calibration batches for passes that keep their own statistics (int4's AWQ): the same windows
+    and runner as :func:`_calibrator`, yielding each batch's {tensor: array}."""
+    from tqdm import tqdm
+
+    from .quant.calibrate import GraphRunner, batches, token_windows
+
+    cal = quant.calibration
+
+    def activations(proto: onnx.ModelProto, names: list[str], desc: str = "calibrating"):
+        windows = token_windows(cal.source, export_dir / "tokenizer.json", tokens=cal.tokens, seq_len=cal.seq_len)
+        runner = GraphRunner(proto, out, src_manifest.graphs["prefill"].inputs, list(dict.fromkeys(names)))
+        log.info("%s: %d tensors on %d x %d tokens of %s", desc, len(names), *windows.shape, cal.source)
+        with tqdm(total=windows.size, unit="tok", desc=desc, disable=not progress, leave=False) as bar:
+            for ids in batches(windows, cal.batch):
+                yield runner.run(ids)
+                bar.update(ids.size)
+
+    return activations
+
+
+COMPACT_BELOW = 0.75  # rewrite the weights when the final graphs read less than this share of their bytes
+
+
+def _compact(out: Path, gfiles: list[str], rows: list[dict]) -> dict | None:
+    """When the passes replaced most weights (INT4: the export's fp32 projections and experts are
+    no longer read), write the bytes the final graphs still reference into one new ``weights.bin``
+    (replacing the hard link; the export's file is untouched) and drop ``weights.passes.bin``, so
+    the artifact is only as large as what it runs. The intermediate ``<graph>.after_NN`` graphs
+    referenced the dropped bytes and are removed (their report entries say so). None when the
+    graphs still read at least ``COMPACT_BELOW`` of the weight bytes (e.g. FP8 of an FP8 export)."""
+    from ..export.weights_file import WeightsWriter
+
+    protos = {g: onnx.load(str(out / g), load_external_data=False) for g in gfiles}
+    refs: dict[tuple[str, int, int], None] = {}
+    for proto in protos.values():
+        for t in _external(proto):
+            info = {e.key: e.value for e in t.external_data}
+            refs.setdefault((info["location"], int(info.get("offset", 0)), int(info["length"])), None)
+    files = {loc for loc, _, _ in refs}
+    total = sum((out / f).stat().st_size for f in files | {PASSES_WEIGHTS, "weights.bin"} if (out / f).is_file())
+    used = sum(n for _, _, n in refs)
+    if not total or used >= COMPACT_BELOW * total:
+        return None
+    tmp = out / "weights.compact.tmp"
+    moved: dict[tuple[str, int, int], tuple[int, int]] = {}
+    maps = {f: np.memmap(out / f, dtype=np.uint8, mode="r") for f in files}
+    with WeightsWriter(tmp, allow_nonfinite=True) as w:
+        for i, (loc, off, n) in enumerate(refs):
+            got = w.write(f"t{i}", torch.from_numpy(np.array(maps[loc][off:off + n])))
+            moved[(loc, off, n)] = (got.offset, got.length)
+    del maps
+    for g, proto in protos.items():
+        for t in _external(proto):
+            info = {e.key: e.value for e in t.external_data}
+            off, n = moved[(info["location"], int(info.get("offset", 0)), int(info["length"]))]
+            del t.external_data[:]
+            for k, v in (("location", "weights.bin"), ("offset", str(off)), ("length", str(n))):
+                t.external_data.add(key=k, value=v)
+        onnx.save(proto, str(out / (g + ".tmp")))
+    for f in [f for f in os.listdir(out) if ".after_" in f and f.endswith(".onnx")]:
+        (out / f).unlink()
+    for row in rows:
+        for entry in row["graphs"].values():
+            if entry.get("file", "").count(".after_"):
+                entry["file"] = None
+                entry["file_dropped"] = "weights compacted (the graph read weights no longer in the artifact)"
+    (out / "weights.bin").unlink()
+    if (out / PASSES_WEIGHTS).exists():
+        (out / PASSES_WEIGHTS).unlink()
+    os.replace(tmp, out / "weights.bin")
+    for g in gfiles:
+        os.replace(out / (g + ".tmp"), out / g)
+    log.info("weights compacted: the graphs read %.1f of %.1f MiB; weights.bin rewritten", used / 2**20, total / 2**20)
+    return {"weights_bytes_before": total, "weights_bytes_after": (out / "weights.bin").stat().st_size}
+
+
+def _external(proto: onnx.ModelProto):
+    for t in proto.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            yield t
+
+
 def run_passes(export_dir: Path, out: Path, module: str, src_manifest: Manifest, cache=None, *,
                quant: QuantizationOptions | None = None, progress: bool = False) -> PassesSection:
     """Run the pass plan for target module ``module`` and the recipe's quantization options
@@ -146,7 +233,8 @@ def run_passes(export_dir: Path, out: Path, module: str, src_manifest: Manifest,
             _link(export_dir / rel, out / rel, cache)
     with PassWeights(out) as weights:
         inputs = StageInputs(module, quant, weights, export_dir=export_dir,
-                             calibrate=_calibrator(export_dir, out, src_manifest, quant, progress))
+                             calibrate=_calibrator(export_dir, out, src_manifest, quant, progress),
+                             activations=_activations(export_dir, out, src_manifest, quant, progress))
         for graph, gfile in graphs.items():
             path = export_dir / gfile
             files: dict[int, str] = {}
@@ -167,7 +255,10 @@ def run_passes(export_dir: Path, out: Path, module: str, src_manifest: Manifest,
                 rows[last - 1]["graphs"][graph]["file"] = gfile
             else:
                 _link(path, out / gfile, cache)
+    compacted = _compact(out, list(graphs.values()), rows) if weights.written else None
     report = {"module": module, "graphs": list(graphs), "passes": rows}
+    if compacted:
+        report["compacted"] = compacted
     if inputs.calibrated:
         cal = quant.calibration
         report["calibration"] = {"source": str(cal.source), "tokens": cal.tokens, "seq_len": cal.seq_len,

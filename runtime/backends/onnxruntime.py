@@ -40,7 +40,11 @@ class OrtBackend:
     """Runs the artifact's graphs with onnxruntime.
 
     ``threads``: intra-op threads per session (None = onnxruntime's default, one per physical
-    core). ``providers``: execution providers (default CPU). ``share_weights``: one memory-mapped
+    core). ``spin``: let idle intra-op threads spin-wait for work (onnxruntime's default) instead of
+    sleeping; off by default: on a shared 2-core machine (load ~10) spinning took qcn-pico's decode
+    at 2 threads from 47 to 13 tokens/s and prefill from 228 to 124 tokens/s (BENCHMARKS.md), and
+    with one thread there are no idle threads to spin. ``providers``: execution providers (default
+    CPU). ``share_weights``: one memory-mapped
     copy of the weights for all sessions (see the module docstring). The manifest's file hashes
     are verified before the first session is created.
     """
@@ -56,6 +60,7 @@ class OrtBackend:
         providers: Sequence[str] | None = None,
         graphs: Sequence[str] = ("prefill", "decode"),
         share_weights: bool = True,
+        spin: bool = False,
     ):
         self.manifest = manifest
         self.artifact_dir = Path(artifact_dir) if artifact_dir is not None else manifest.artifact_dir
@@ -67,7 +72,10 @@ class OrtBackend:
             host_dtype(s.dtype, f"state {s.input!r}")
         manifest.verify_files()
 
-        opts = self._options(threads)
+        if not isinstance(spin, bool):
+            raise BackendError(f"spin must be True or False, got {spin!r}")
+        self.spin = spin
+        opts = self._options(threads, spin)
         self._providers = list(providers) if providers else ["CPUExecutionProvider"]
         unknown = [p for p in self._providers if p not in ort.get_available_providers()]
         if unknown:
@@ -87,7 +95,7 @@ class OrtBackend:
             kwargs = {}
             gopts = opts
             if self._weights is not None:
-                gopts = self._options(threads)
+                gopts = self._options(threads, spin)
                 self._add_shared_weights(gopts, path)
                 gopts.add_session_config_entry("session.disable_prepacking", "1")
                 kwargs["disabled_optimizers"] = ["ConstantFolding"]
@@ -101,8 +109,11 @@ class OrtBackend:
             self._outputs[gname] = [o.name for o in sess.get_outputs()]
 
     @staticmethod
-    def _options(threads: int | None) -> ort.SessionOptions:
+    def _options(threads: int | None, spin: bool = False) -> ort.SessionOptions:
         opts = ort.SessionOptions()
+        # ORT_ENABLE_ALL vs ORT_ENABLE_EXTENDED measured equal within noise on qcn-pico (1 thread,
+        # process CPU time: decode 150 vs 163 tok/s, prefill 1539 vs 1459 tok/s); ALL kept
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.inter_op_num_threads = 1

@@ -187,12 +187,14 @@ def chunked_logits(runner: GraphRunner, states, ids: np.ndarray, chunk: int) -> 
 
 def measure(reference: onnx.ModelProto, quantized: onnx.ModelProto, model_dir: Path, graph_inputs,
             windows: np.ndarray, batch: int, *, progress: bool = False, chunk: int | None = None,
-            states=()) -> dict:
-    """The gate's metrics of two prefill graphs whose external data is in ``model_dir``
-    (``chunk``: tokens per call with the state carried, see :func:`chunked_logits`)."""
+            states=(), reference_dir: Path | None = None) -> dict:
+    """The gate's metrics of two prefill graphs whose external data is in ``model_dir`` (the
+    reference's in ``reference_dir`` when given: the export's, after the passes compacted theirs;
+    ``chunk``: tokens per call with the state carried, see :func:`chunked_logits`)."""
     from tqdm import tqdm
 
-    runners = [GraphRunner(every_token_logits(g), model_dir, graph_inputs, [LOGITS]) for g in (reference, quantized)]
+    runners = [GraphRunner(every_token_logits(g), d, graph_inputs, [LOGITS])
+               for g, d in ((reference, reference_dir or model_dir), (quantized, model_dir))]
     m = Metrics()
     with tqdm(total=windows.size, unit="tok", desc="accuracy gate", disable=not progress, leave=False) as bar:
         for ids in batches(windows, batch):
@@ -215,10 +217,10 @@ def run_gate(export_dir: Path, out: Path, src_manifest, quant: QuantizationOptio
     gfile = src_manifest.graphs["prefill"].file
     reference = onnx.load(str(export_dir / gfile), load_external_data=False)
     quantized = onnx.load(str(out / gfile), load_external_data=False)
-    # both graphs' external data is in out: weights.bin (linked) and weights.passes.bin
+    # the reference reads the export's weights; the quantized graph its passes directory's
     chunk = g.chunk_for(quant.kv_cache)
     metrics = measure(reference, quantized, out, src_manifest.graphs["prefill"].inputs, windows, cal.batch,
-                      progress=progress, chunk=chunk, states=src_manifest.state)
+                      progress=progress, chunk=chunk, states=src_manifest.state, reference_dir=export_dir)
     failed = failures(metrics, quant)
     report = {**metrics, "passed": not failed, "failures": failed,
               "thresholds": {"top1_min": g.top1_min, "ppl_ratio_max": g.ppl_ratio_max, "kl_mean_max": g.kl_mean_max},

@@ -57,7 +57,8 @@ class Int4CpuMatMul(MakesInitializers, QcnRule):
         dq = context.root.inputs[1].producer()
         if attr(dq, "axis", 1) != 0 or attr(dq, "block_size", 0) != GROUP or len(dq.inputs) > 2:
             return refuse("DequantizeLinear is not the INT4 form (axis 0, block_size 128, no zero point)")
-        if x.dtype != ir.DataType.FLOAT or const_weight(scale) is None or scale.dtype != ir.DataType.FLOAT:
+        # x of a node an earlier rewrite built may carry no type yet; the DQ output type is the scale's
+        if x.dtype not in (None, ir.DataType.FLOAT) or const_weight(scale) is None or scale.dtype != ir.DataType.FLOAT:
             return refuse("MatMulNBits form is for fp32 activations with constant fp32 scales")
         if wq.shape is None or len(wq.shape) != 2:
             return refuse("weight is not 2-D")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import onnx_ir as ir
 import torch
 
-from ..base import PassError
+from ..base import PassError, to_proto
 from ..plan import ALL_MODULES, PassSpec
 from .awq import AwqStats
 from .int4 import TORCH_DTYPES, torch_threads
@@ -87,7 +87,9 @@ def make_state(ctx, model: ir.Model) -> Int4State:
         with torch_threads(1):
             for name, node in moe_layers.items():
                 mstats[name] = MoeStats(_moe_weights(node, load))
-        for out in ctx.activations(model, names, desc="INT4 AWQ statistics"):
+        if ctx.activations is None:
+            raise PassError("quantization.int4_method awq needs calibration text (quantization.calibration.source)")
+        for out in ctx.activations(to_proto(model), names, "INT4 AWQ statistics"):
             with torch_threads(1):
                 for g in grps:
                     x = torch.from_numpy(out[g.x])
@@ -173,7 +175,8 @@ ROWS = (
     PassSpec("int4_cpu_matmul", lambda ctx: Int4CpuMatMul(ctx.quant.int4_cpu_accuracy_level, add=_adder(ctx)),
              ("onnxruntime",), ("", "MatMul"),
              "MatMul(x, DQ(W int4)) -> com.microsoft.MatMulNBits (accuracy_level from the recipe)",
-             wanted=lambda q: None if "int4" in (q.weights, q.experts) else "nothing is INT4"),
+             wanted=lambda q: None if "int4" in (q.weights, q.experts) else
+             f"quantization.weights is {q.weights!r} and quantization.experts is {q.experts!r}"),
 )
 
 __all__ = ["ROWS", "Int4State", "state", "make_state"]

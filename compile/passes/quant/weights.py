@@ -94,6 +94,25 @@ class PassWeights:
                                 base_dir=str(self.out_dir))
         return op.initializer(ext, name=name)
 
+    def add_tensor(self, op, tensor: ir.Tensor) -> ir.Value:
+        """An ``ir.Tensor`` of any ONNX type (INT4 packed, uint8, float) as an initializer named
+        ``tensor.name``: its bytes as stored (ONNX packing) into weights.passes.bin, like :meth:`add`."""
+        name = tensor.name
+        raw = tensor.tobytes()
+        if len(raw) <= INLINE_BYTES:
+            return op.initializer(tensor, name=name)
+        if self._writer is None:
+            self._writer = WeightsWriter(self.path)
+        loc = self._writer.locations.get(name)
+        if loc is None:
+            loc = self._writer.write(name, torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+            self._writer.flush()
+        elif loc.length != len(raw):
+            raise ValueError(f"{name}: added twice with different sizes ({loc.length} and {len(raw)} bytes)")
+        ext = ir.ExternalTensor(loc.location, loc.offset, loc.length, tensor.dtype, shape=ir.Shape(list(tensor.shape)),
+                                name=name, base_dir=str(self.out_dir))
+        return op.initializer(ext, name=name)
+
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
