@@ -48,6 +48,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _workdir import own_workdir  # noqa: E402
 from cpu_decode import ensure_artifact, git_commit, loadavg, machine_facts  # noqa: E402
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
@@ -80,6 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, metavar="OUT")
     a = p.parse_args(argv)
+    a.work = own_workdir(a.work, "--work")  # GGUF files and the sdist go here: never a user's folder
     if min(a.threads + a.batch) < 1 or a.prompt_len < 1 or a.new_tokens < 2 or a.rounds < 1:
         p.error("--threads, --batch, --prompt-len, --rounds must be >= 1 and --new-tokens >= 2")
     return a
