@@ -22,9 +22,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import CapacityError, ContextLengthError, SlotError
+from .errors import BackendError, CapacityError, ContextLengthError, SlotError
 from .manifest import Manifest
-from .state import StateSnapshot, StateStore, check_arrays, state_layout, _Layout
+from .state import SpeculativeStateStore, StateSnapshot, StateStore, check_arrays, state_layout, _Layout
 
 __all__ = ["Session", "SeqHandle", "StateSnapshot"]
 
@@ -184,6 +184,9 @@ class Session:
         spec = self.manifest.speculative
         if spec is None:
             raise SlotError("this artifact has no MTP head (compile it with runtime.speculative in the recipe)")
+        if not isinstance(self.store, SpeculativeStateStore):
+            raise BackendError(f"the {type(self.store).__name__} state store cannot run speculative decoding; "
+                               "use the onnxruntime backend, or --speculative 0 to decode without it")
         return spec
 
     def prefill_hidden(self, handle: SeqHandle, token_ids: Sequence[int]):

@@ -14,7 +14,7 @@ Session owns which slot belongs to which sequence and each slot's ``past_len``, 
 - ``read(slot, past_len) -> {state input name: host array}``: copies of the slot's carried
   states ``[*shape]`` and KV prefix ``[KVH, past_len, D]``; ``write(slot, arrays)`` puts such
   copies back (what :meth:`Session.snapshot` / :meth:`Session.restore` use).
-- speculative decoding (docs/MTP.md): ``step_with(graph, slots, input_ids, past_len, inputs,
+- speculative decoding (docs/MTP.md), :class:`SpeculativeStateStore` only: ``step_with(graph, slots, input_ids, past_len, inputs,
   outputs) -> (logits as the graph gives them, {output: [B, ...]})`` feeds extra inputs and
   returns extra outputs (a graph without ``present.*`` outputs, the verify graph, leaves the
   carried states unchanged), and ``set_carried(slot, {input name: [*shape]})`` replaces carried
@@ -39,7 +39,7 @@ import numpy as np
 from .errors import BackendError, SlotError
 from .manifest import Manifest, StateSpec, numpy_dtype
 
-__all__ = ["StateStore", "StateSnapshot", "HostStateStore", "state_layout", "contiguous_runs", "host_dtype"]
+__all__ = ["StateStore", "SpeculativeStateStore", "StateSnapshot", "HostStateStore", "state_layout", "contiguous_runs", "host_dtype"]
 
 
 _RAW = {"bfloat16": np.uint16, "float8_e4m3fn": np.uint8}  # dtypes numpy lacks -> their bit patterns
@@ -67,12 +67,18 @@ class StateStore(Protocol):
 
     def write(self, slot: int, arrays: Mapping[str, np.ndarray]) -> None: ...
 
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class SpeculativeStateStore(StateStore, Protocol):
+    """A store that can also serve speculative decoding (docs/MTP.md): the ONNX Runtime store and
+    :class:`HostStateStore`. The TensorRT store cannot (no verify / mtp engines are built yet)."""
+
     def step_with(self, graph: str, slots: Sequence[int], input_ids: np.ndarray, past_len: np.ndarray,
                   inputs: Mapping[str, np.ndarray] | None = None, outputs: Sequence[str] = ()): ...
 
     def set_carried(self, slot: int, arrays: Mapping[str, np.ndarray]) -> None: ...
-
-    def close(self) -> None: ...
 
 
 def state_layout(manifest: Manifest) -> str:

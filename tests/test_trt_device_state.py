@@ -110,3 +110,14 @@ def test_device_state_write_read_reset_and_parity(manifest):
         else:  # KV needs no clearing: positions >= past_len are ignored
             np.testing.assert_array_equal(after[s.input], arrays[s.input])
     ds.close()
+
+
+def test_device_state_is_no_speculative_store(manifest):
+    """The TensorRT store has no verify / mtp engines to run: it is a StateStore but not a
+    SpeculativeStateStore, so a Session over it refuses speculation with one line (no stub methods)."""
+    from qcn.runtime.backends.tensorrt import DeviceState
+    from qcn.runtime.state import HostStateStore, SpeculativeStateStore
+
+    ds = DeviceState(_CpuBackend(manifest), slots=1, max_context=8)
+    assert not isinstance(ds, SpeculativeStateStore)
+    assert {"step_with", "set_carried"} <= set(dir(HostStateStore))
