@@ -35,9 +35,9 @@ import torch
 from ...plugins.attention.op import FP8_OVERLOAD, function_proto
 from ..base import ContextRule, PassError, attr, refuse
 from ..plan import ALL_MODULES, PassSpec
+from .fp8 import FP8_MAX
 
 PASS = "kv_fp8"
-E4M3_MAX = 448.0
 FP8 = ir.DataType.FLOAT8E4M3FN
 FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 KINDS = (("past_key", "new_key", "k_scale"), ("past_value", "new_value", "v_scale"))
@@ -107,7 +107,7 @@ class KvFp8(ContextRule):
         scales = []
         for (_, out, sname), cache in zip(KINDS, (past_key, past_value)):
             o = _graph_output(graph, f"{out}.{i}")
-            s = self.ctx.ranges[range_key(o.name)].value(cal) / E4M3_MAX
+            s = self.ctx.ranges[range_key(o.name)].value(cal) / FP8_MAX
             scales.append(self.ctx.weights.add(op, f"kv_cache.{i}.{sname}", torch.tensor([s], dtype=torch.float32)))
             _quantize_output(graph, o, s)
             cache.dtype = FP8
