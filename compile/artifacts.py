@@ -26,6 +26,7 @@ import os
 import secrets
 import shutil
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -65,13 +66,36 @@ def _on_signal(signum, _frame):
     raise _interrupt(signum)
 
 
+def _quiet_dropped(unraisable, fallback) -> None:
+    """`sys.unraisablehook` under `interrupt_on_signals`: an interrupt of ours that Python dropped
+    because the handler ran inside a finalizer (`__del__`, a weakref callback) is not printed
+    ("Exception ignored in ..." and a traceback, which a user would see); it stays in
+    `_received`, and `raise_if_interrupted` raises it at the next safe point. Anything else goes
+    to the hook that was in place. (Delivering it again from here does not work: `os.kill` and
+    `_thread.interrupt_main` run the handler inside this hook, and a signal sent later from
+    another thread can arrive after the handlers were restored.)"""
+    exc = unraisable.exc_value
+    if isinstance(exc, (KeyboardInterrupt, Terminated)) and _received:
+        return
+    fallback(unraisable)
+
+
+def raise_if_interrupted() -> None:
+    """Raise the interrupt of a signal received under `interrupt_on_signals` whose exception a
+    finalizer dropped. Every `atomic_dir` calls it before it renames anything into place; long
+    loops (the export's weights) call it once per item, so Ctrl-C stops them promptly."""
+    if _received:
+        raise _interrupt(_received[0])
+
+
 @contextlib.contextmanager
 def interrupt_on_signals() -> Iterator[None]:
     """While the CLI compiles: SIGINT, SIGTERM and SIGHUP unwind the stack (KeyboardInterrupt /
     `Terminated`), so every `atomic_dir` removes its temporary directory. Python drops an
-    exception raised while a finalizer (`__del__`) runs ("Exception ignored in ..."), so a signal
-    can be swallowed: every `atomic_dir` re-raises a signal received here before it renames
-    anything into place. Outside the main thread this does nothing."""
+    exception raised while a finalizer (`__del__`) runs ("Exception ignored in ..."): such a
+    signal is kept quiet (`_quiet_dropped`) and raised again by `raise_if_interrupted`, which
+    every `atomic_dir` calls before it renames anything into place.
+    Outside the main thread this does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -82,9 +106,12 @@ def interrupt_on_signals() -> Iterator[None]:
         if h is None or h == signal.SIG_IGN:
             continue  # installed outside Python, or ignored: leave it
         old[s] = signal.signal(s, _on_signal)
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda u: _quiet_dropped(u, hook)
     try:
         yield
     finally:
+        sys.unraisablehook = hook
         for s, h in old.items():
             signal.signal(s, h)
         _received.clear()
@@ -340,8 +367,7 @@ def atomic_dir(target: Path, *, force: bool = False, protect: Iterable[Path] = (
             raise
         with _signals_deferred():
             try:
-                if _received:  # a signal whose exception a finalizer swallowed: still stop here
-                    raise _interrupt(_received[0])
+                raise_if_interrupted()  # a signal whose exception a finalizer swallowed: still stop here
                 check_output(target, force=force, protect=protect)
                 if target.exists() or target.is_symlink():
                     target.rename(old)

@@ -19,6 +19,7 @@ import onnx
 import onnx_ir as ir
 import torch
 
+from ..artifacts import raise_if_interrupted
 from ..plugins.gated_deltanet.op import VERIFY_OP
 from ..plugins.onnx_function import DOMAIN, DOMAIN_VERSION
 from ..plugins.registry import OPS
@@ -133,6 +134,7 @@ class InitializerSource:
 
         items = list(model.graph.initializers.items())
         for name, value in tqdm(items, desc="weights", unit="tensor", disable=not self.progress or not items):
+            raise_if_interrupted()  # a Ctrl-C that a finalizer swallowed stops the export here
             self.attach_value(value, out_dir)
 
     def attach_value(self, value: ir.Value, out_dir: Path) -> None:
