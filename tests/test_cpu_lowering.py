@@ -199,10 +199,63 @@ def test_moe_must_not_lower(case):
     assert [n.op_type for n in lowered.graph.node] == ["MoE"]
 
 
+@pytest.mark.parametrize("N,H,E,I,Is,k", [(1, 12, 7, 6, 5, 3), (17, 10, 5, 4, 6, 2), (1, 33, 16, 7, 9, 1),
+                                          (70, 16, 13, 5, 7, 4), (4, 9, 11, 3, 4, 11)])
+def test_moe_ort_equals_body(N, H, E, I, Is, k):
+    """cpu_moe_ort (com.microsoft.MoE for the routed experts) against the op's function body."""
+    from qcn.compile.passes.cpu_moe_ort import CpuMoeOrt
+
+    m = moe_model(N, H, E, I, Is, k, True)
+    feeds = moe_feeds(np.random.default_rng(N * 100 + E + 7), N, H, E, I, Is)
+    weights = {n: feeds.pop(n) for n in moe_op.INPUTS[1:]}
+    for name, w in weights.items():  # the rule needs constant weights: initializers, as in an export
+        m.graph.initializer.append(onnx.numpy_helper.from_array(w, name))
+    m.graph.ClearField("input")
+    m.graph.input.extend([vi("x", F32, [N, H])])
+    lowered, res = lower(m, CpuMoeOrt())
+    assert res.counts()["rewritten"] == 1 and not res.refused
+    ops = {(n.domain, n.op_type) for n in lowered.graph.node}
+    assert ("com.microsoft", "MoE") in ops and ("qcn", "MoE") not in ops
+    ref, = run(m, feeds)
+    got, = run(lowered, feeds)
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() <= 1e-5 * max(1.0, float(np.abs(ref).max())), np.abs(got - ref).max()
+
+
+@pytest.mark.parametrize("case", ["norm_off", "not_constant", "bf16"])
+def test_moe_ort_must_not_lower(case):
+    from qcn.compile.passes.cpu_moe_ort import CpuMoeOrt
+
+    m = moe_model(2, 8, 4, 3, 3, 2, case != "norm_off", dt=BF if case == "bf16" else F32)
+    if case != "not_constant":
+        rng = np.random.default_rng(0)
+        for i in list(m.graph.input)[1:]:
+            shape = [d.dim_value for d in i.type.tensor_type.shape.dim]
+            t = onnx.numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), i.name)
+            if case == "bf16":
+                t = onnx.helper.make_tensor(i.name, BF, shape, np.zeros(int(np.prod(shape)), np.uint16).tobytes(), raw=True)
+            m.graph.initializer.append(t)
+        keep = list(m.graph.input)[:1]
+        m.graph.ClearField("input")
+        m.graph.input.extend(keep)
+    why = {"norm_off": "norm_topk_prob 0", "not_constant": "not constant", "bf16": "not float32"}[case]
+    lowered, res = lower(m, CpuMoeOrt())
+    assert res.counts() == {"matched": 1, "rewritten": 0, "refused": 1, "new_nodes": 0}
+    assert why in res.refused[0][1], res.refused
+    assert [n.op_type for n in lowered.graph.node] == ["MoE"]
+
+
+def test_moe_ort_leaves_quantized_formats_to_their_rules():
+    from qcn.compile.passes.cpu_moe_ort import CpuMoeOrt
+
+    lowered, res = lower(moe_model(2, 8, 4, 3, 3, 2, True, fmt="fp8"), CpuMoeOrt())
+    assert res.counts()["rewritten"] == 0 and [n.op_type for n in lowered.graph.node] == ["MoE"]
+
+
 def test_cpu_rows_run_for_onnxruntime_only_and_before_the_plugin_lowerings():
     plan = {m: [(p.name, why) for p, why in plan_for(m)] for m in ("onnxruntime", "tensorrt", "tensorrt_rtx")}
     cpu = [n for n, why in plan["onnxruntime"] if why is None and n.startswith("cpu_")]
-    assert {"cpu_gated_deltanet", "cpu_moe"} <= set(cpu)
+    assert {"cpu_gated_deltanet", "cpu_moe_ort", "cpu_moe"} <= set(cpu)
     names = [n for n, _ in plan["onnxruntime"]]
     assert max(names.index(n) for n in cpu) < names.index("lower_gated_deltanet")
     for m in ("tensorrt", "tensorrt_rtx"):

@@ -41,7 +41,7 @@ def test_cpu_passes_dir_is_the_artifact_with_a_report_of_every_pass(cpu_art):
     m = json.loads((cpu_art / "manifest.json").read_text())
     runs_on_cpu = [p.name for p, why in plan_for("onnxruntime") if why is None]
     # the fusions that pay on ONNX Runtime and the cpu lowerings (docs/PASSES.md)
-    assert runs_on_cpu == ["fuse_rms_norm", "cpu_gated_deltanet", "cpu_moe"]
+    assert runs_on_cpu == ["fuse_rms_norm", "cpu_gated_deltanet", "cpu_moe_ort", "cpu_moe"]
     assert m["stage"] == "passes" and m["passes"]["module"] == "onnxruntime" and m["passes"]["run"] == runs_on_cpu
     report = json.loads((cpu_art / REPORT).read_text())
     names = [p.name for p in pass_table()]

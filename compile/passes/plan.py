@@ -124,10 +124,15 @@ CPU_ONLY = {m: "a CPU lowering: its fast forms are ONNX Runtime CPU kernels (thi
 def cpu_lowerings() -> tuple[PassSpec, ...]:
     from .cpu_gated_deltanet import CpuGatedDeltaNet
     from .cpu_moe import CpuMoE
+    from .cpu_moe_ort import CpuMoeOrt
 
     return (
         PassSpec(CpuGatedDeltaNet.pass_name, lambda ctx: CpuGatedDeltaNet(None), ("onnxruntime",), ("qcn", CpuGatedDeltaNet.root_op),
                  "qcn::GatedDeltaNet -> com.microsoft.LinearAttention (gated_delta) + conv/norm in standard ops",
+                 reasons=CPU_ONLY),
+        PassSpec(CpuMoeOrt.pass_name, lambda ctx: CpuMoeOrt(add=lambda op, t: ctx.weights.add_tensor(op, t)),
+                 ("onnxruntime",), ("qcn", CpuMoeOrt.root_op),
+                 "qcn::MoE (float) -> com.microsoft.MoE (routed experts read in place) + the shared expert",
                  reasons=CPU_ONLY),
         PassSpec(CpuMoE.pass_name, lambda ctx: CpuMoE(None), ("onnxruntime",), ("qcn", CpuMoE.root_op),
                  "qcn::MoE (float) -> only the selected experts (Unique + Gather + batched MatMul)",

@@ -55,7 +55,7 @@ def _offset_binary(q: torch.Tensor) -> np.ndarray:
     return pack_int4(q).numpy() ^ np.uint8(0x88)
 
 
-def _interleave(t: torch.Tensor) -> torch.Tensor:
+def interleave_gate_up(t: torch.Tensor) -> torch.Tensor:
     """[E, 2I, ..] gate rows then up rows -> rows gate0, up0, gate1, up1, .."""
     i = t.shape[1] // 2
     return torch.stack([t[:, :i], t[:, i:]], dim=2).reshape(t.shape)
@@ -99,8 +99,8 @@ class Int4CpuMoE(MakesInitializers, QcnRule):
     def rewrite(self, op, x, router_weight, gate_up, down, shared_gate_up, shared_down, shared_gate,
                 gate_up_scale, down_scale, shared_gate_up_scale, shared_down_scale):
         node = self._root
-        fc1 = self._init(op, ir.Tensor(_offset_binary(_interleave(_ints(gate_up))), name=f"{gate_up.name}.qmoe"))
-        fc1_s = self._init(op, ir.Tensor(_interleave(_floats(gate_up_scale)).numpy(), name=f"{gate_up_scale.name}.qmoe"))
+        fc1 = self._init(op, ir.Tensor(_offset_binary(interleave_gate_up(_ints(gate_up))), name=f"{gate_up.name}.qmoe"))
+        fc1_s = self._init(op, ir.Tensor(interleave_gate_up(_floats(gate_up_scale)).numpy(), name=f"{gate_up_scale.name}.qmoe"))
         fc2 = self._init(op, ir.Tensor(_offset_binary(_ints(down)), name=f"{down.name}.qmoe"))
         fc2_s = self._init(op, ir.Tensor(_floats(down_scale).numpy(), name=f"{down_scale.name}.qmoe"))
         logits = op.MatMul(x, op.Transpose(router_weight, perm=[1, 0]))
