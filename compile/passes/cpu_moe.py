@@ -40,6 +40,16 @@ def _i64(op, values):
     return op.Constant(value=ir.tensor(np.asarray(values, dtype=np.int64)))
 
 
+def plus_shared_expert(op, x, routed, gate_up_kn, down_kn, shared_gate):
+    """y = routed + sigmoid(x shared_gate^T) * (swiglu(x gate_up_kn) down_kn), the op body's shared
+    expert; the weights as right MatMul operands [K, N] (a Transpose of the float weight, or a
+    DequantizeLinear of an INT4 one). Every CPU MoE form ends with this."""
+    gate, up = op.Split(op.MatMul(x, gate_up_kn), axis=-1, num_outputs=2, _outputs=2)
+    shared = op.MatMul(op.Mul(op.Mul(gate, op.Sigmoid(gate)), up), down_kn)
+    sgate = op.Sigmoid(op.MatMul(x, op.Transpose(shared_gate, perm=[1, 0])))
+    return op.Add(routed, op.Mul(sgate, shared))
+
+
 class CpuMoE(QcnRule):
     pass_name = "cpu_moe"
     root_op = "MoE"
@@ -67,10 +77,6 @@ class CpuMoE(QcnRule):
         top_k = attr(node, "top_k")
         norm = bool(attr(node, "norm_topk_prob", 1))
 
-        def swiglu(h):  # [..., 2W] -> [..., W], gate half first
-            gate, up = op.Split(h, axis=-1, num_outputs=2, _outputs=2)
-            return op.Mul(op.Mul(gate, op.Sigmoid(gate)), up)
-
         # router: exactly the body's (fp32 softmax, TopK with lowest-index ties, renormalisation)
         logits = op.MatMul(x, op.Transpose(router_weight, perm=[1, 0]))
         probs = op.Softmax(op.Cast(logits, to=ir.DataType.FLOAT), axis=-1)
@@ -91,8 +97,6 @@ class CpuMoE(QcnRule):
         weights = op.Unsqueeze(op.Transpose(op.Gather(combine, used, axis=1), perm=[1, 0]), _i64(op, [1]))  # [U, 1, N]
         routed = op.Transpose(op.ReduceSum(op.Mul(out, weights), _i64(op, [0]), keepdims=0), perm=[1, 0])
 
-        shared = op.MatMul(swiglu(op.MatMul(x, op.Transpose(shared_gate_up, perm=[1, 0]))),
-                           op.Transpose(shared_down, perm=[1, 0]))
-        gate = op.Sigmoid(op.MatMul(x, op.Transpose(shared_gate, perm=[1, 0])))
-        y = op.Add(routed, op.Mul(gate, shared))
+        y = plus_shared_expert(op, x, routed, op.Transpose(shared_gate_up, perm=[1, 0]),
+                               op.Transpose(shared_down, perm=[1, 0]), shared_gate)
         return self.count_rewrite(op, y, set())

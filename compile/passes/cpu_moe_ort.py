@@ -26,6 +26,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import MatchResult
 
 from .base import QcnRule, attr, refuse
+from .cpu_moe import plus_shared_expert
 from .quant.int4 import MakesInitializers
 from .quant.int4_cpu_moe import interleave_gate_up
 from .quant.int4_projection import const_weight
@@ -69,17 +70,14 @@ class CpuMoeOrt(MakesInitializers, QcnRule):
 
     def rewrite(self, op, x, router_weight, gate_up, down, shared_gate_up, shared_down, shared_gate):
         node = self._root
-        w = PassWeights.torch(gate_up).float()
+        w = PassWeights.torch(gate_up)
         fc1 = self._init(op, ir.Tensor(interleave_gate_up(w).contiguous().numpy(), name=f"{gate_up.name}.moe"))
         logits = op.MatMul(x, op.Transpose(router_weight, perm=[1, 0]))
         routed = op.MoE(x, logits, fc1, None, down, _domain="com.microsoft", _version=1,
                         k=attr(node, "top_k"), activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
                         activation_beta=0.0, normalize_routing_weights=1)
-        h = op.MatMul(x, op.Transpose(shared_gate_up, perm=[1, 0]))
-        gate, up = op.Split(h, axis=-1, num_outputs=2, _outputs=2)
-        shared = op.MatMul(op.Mul(op.Mul(gate, op.Sigmoid(gate)), up), op.Transpose(shared_down, perm=[1, 0]))
-        sgate = op.Sigmoid(op.MatMul(x, op.Transpose(shared_gate, perm=[1, 0])))
-        y = op.Add(routed, op.Mul(sgate, shared))
+        y = plus_shared_expert(op, x, routed, op.Transpose(shared_gate_up, perm=[1, 0]),
+                               op.Transpose(shared_down, perm=[1, 0]), shared_gate)
         return self.count_rewrite(op, y, set())
 
 

@@ -35,6 +35,7 @@ from onnxscript.rewriter import MatchResult
 
 from ...plugins.moe.quant import pack_int4
 from ..base import QcnRule, attr, refuse
+from ..cpu_moe import plus_shared_expert
 from .int4 import GROUP, MakesInitializers, int4_tensor
 from .int4_projection import const_weight
 
@@ -114,11 +115,8 @@ class Int4CpuMoE(MakesInitializers, QcnRule):
             ws = self._init(op, ir.Tensor(_floats(s).T.contiguous().numpy(), name=f"{s.name}.kn"))
             return op.DequantizeLinear(wq, ws, axis=0, block_size=GROUP)
 
-        h = op.MatMul(x, kn(shared_gate_up, shared_gate_up_scale))
-        gate, up = op.Split(h, axis=-1, num_outputs=2, _outputs=2)
-        shared = op.MatMul(op.Mul(op.Mul(gate, op.Sigmoid(gate)), up), kn(shared_down, shared_down_scale))
-        sgate = op.Sigmoid(op.MatMul(x, op.Transpose(shared_gate, perm=[1, 0])))
-        y = op.Add(routed, op.Mul(sgate, shared))
+        y = plus_shared_expert(op, x, routed, kn(shared_gate_up, shared_gate_up_scale), kn(shared_down, shared_down_scale),
+                               shared_gate)
         return self.count_rewrite(op, y, set())
 
 
