@@ -55,3 +55,31 @@ def test_damaged_model_is_an_artifact_error(tmp_path):
     bad.write_bytes(b"\x3a\xff\xff\xff\xff\x0f")  # field 7, length-delimited, length beyond the file
     with pytest.raises(ArtifactError, match="bad.onnx"):
         external_initializers(bad)
+
+
+def _logits(be):
+    s = Session(be.manifest, be)
+    h = s.allocate()
+    out = [s.prefill(h, [5, 6, 7, 8, 9])]
+    for t in (3, 4, 5):
+        out.append(s.decode([h], [t])[0])
+    be.close()
+    return np.stack(out)
+
+
+def test_prepacking_the_decode_graph_changes_no_result(art):
+    m = load_manifest(art.path)
+    packed = create_backend(m)
+    assert packed.prepack == {"decode"}  # the default: the per-token graph packs, prefill reads the map
+    default, none = _logits(packed), _logits(create_backend(m, prepack=()))
+    np.testing.assert_allclose(default, none, atol=1e-5)
+    np.testing.assert_allclose(_logits(create_backend(m, prepack=("prefill", "decode"))), none, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [("decoder",), "decode", (1,)])
+def test_prepack_names_graphs_of_the_artifact(art, bad):
+    from qcn.runtime.errors import BackendError
+    with pytest.raises(BackendError, match="prepack") as e:
+        create_backend(load_manifest(art.path), prepack=bad)
+    if bad == ("decoder",):
+        assert "prefill, decode" in str(e.value)

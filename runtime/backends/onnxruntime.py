@@ -8,6 +8,14 @@ are switched off while sharing: constant folding (it materializes e.g. the MoE f
 ``Transpose(experts)``; ORT's Transpose+MatMul fusion then reads the weight in place instead)
 and MLAS pre-packing. ``share_weights=False`` restores ORT's defaults (each session loads the
 file itself, folded and pre-packed: about one more weights copy) for comparison.
+
+Pre-packing, per graph (``prepack``): MLAS re-lays a constant MatMul weight into its panel format
+once, at session creation, instead of on every call. For a one-token decode step that is the
+difference between streaming the weights once and copying them on every step (qcn-pico, 1 thread,
+out of cache: 19 vs 12 GB/s per MatMul; a decode step 15-25 % faster, BENCHMARKS.md). The packed
+copy lives in that session's memory (the MatMul weights, not the experts MoE reads in place:
+about 23 MB on qcn-pico), so by default only the decode graph packs; prefill's 64-token calls
+gained ~7 % from it, not worth a second copy.
 """
 
 from __future__ import annotations
@@ -45,8 +53,10 @@ class OrtBackend:
     at 2 threads from 47 to 13 tokens/s and prefill from 228 to 124 tokens/s (BENCHMARKS.md), and
     with one thread there are no idle threads to spin. ``providers``: execution providers (default
     CPU). ``share_weights``: one memory-mapped
-    copy of the weights for all sessions (see the module docstring). The manifest's file hashes
-    are verified before the first session is created.
+    copy of the weights for all sessions (see the module docstring). ``prepack``: the graphs whose
+    session pre-packs its constant MatMul weights (one packed copy each; default the decode graph,
+    see the module docstring; with ``share_weights=False`` every session packs). The manifest's
+    file hashes are verified before the first session is created.
     """
 
     name = "onnxruntime"
@@ -61,6 +71,7 @@ class OrtBackend:
         graphs: Sequence[str] = ("prefill", "decode"),
         share_weights: bool = True,
         spin: bool = False,
+        prepack: Sequence[str] = ("decode",),
     ):
         self.manifest = manifest
         self.artifact_dir = Path(artifact_dir) if artifact_dir is not None else manifest.artifact_dir
@@ -75,6 +86,13 @@ class OrtBackend:
         if not isinstance(spin, bool):
             raise BackendError(f"spin must be True or False, got {spin!r}")
         self.spin = spin
+        if isinstance(prepack, str) or not all(isinstance(g, str) for g in prepack):
+            raise BackendError(f"prepack must be a sequence of graph names, got {prepack!r}")
+        unknown = [g for g in prepack if g not in manifest.graphs]
+        if unknown:
+            raise BackendError(f"prepack names graph(s) {unknown} the artifact does not have; its graphs: "
+                               f"{', '.join(manifest.graphs)}")
+        self.prepack = frozenset(prepack)
         opts = self._options(threads, spin)
         self._providers = list(providers) if providers else ["CPUExecutionProvider"]
         unknown = [p for p in self._providers if p not in ort.get_available_providers()]
@@ -97,7 +115,8 @@ class OrtBackend:
             if self._weights is not None:
                 gopts = self._options(threads, spin)
                 self._add_shared_weights(gopts, path)
-                gopts.add_session_config_entry("session.disable_prepacking", "1")
+                if gname not in self.prepack:
+                    gopts.add_session_config_entry("session.disable_prepacking", "1")
                 kwargs["disabled_optimizers"] = ["ConstantFolding"]
             try:
                 sess = ort.InferenceSession(str(path), sess_options=gopts, providers=self._providers, **kwargs)
