@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from qcn.compile.passes.base import apply, to_ir, to_proto
 from qcn.compile.passes.cpu_gated_deltanet import CpuGatedDeltaNet
@@ -87,6 +87,21 @@ def test_gated_deltanet_lowered_equals_body(B, T, Hk, Hv, Dk, Dv, W):
         assert g.shape == r.shape, name
         scale = max(1.0, float(np.abs(r).max()))
         assert np.abs(g - r).max() <= 2e-5 * scale, (name, np.abs(g - r).max())
+
+
+def test_gated_deltanet_lowered_with_constant_A_log_folds_it_and_equals_body():
+    """A_log as a weight (what the export gives): -exp(A_log) becomes a constant, no Exp/Neg runs."""
+    B, T, Hk, Hv, Dk, Dv, W = 2, 1, 2, 4, 6, 5, 4
+    feeds = gdn_feeds(np.random.default_rng(11), B, T, Hk, Hv, Dk, Dv, W)
+    m = gdn_model(B, T, Hk, Hv, Dk, Dv, W)
+    m.graph.initializer.append(numpy_helper.from_array(feeds.pop("A_log"), "A_log"))
+    m.graph.input.remove(next(i for i in m.graph.input if i.name == "A_log"))
+    lowered, res = lower(m, CpuGatedDeltaNet())
+    assert res.counts()["rewritten"] == 1
+    ops = [n.op_type for n in lowered.graph.node]
+    assert "Exp" not in ops and "Neg" not in ops and ops.count("RMSNormalization") == 3  # l2(q), l2(k), norm
+    for g, r in zip(run(lowered, feeds), run(m, feeds)):
+        assert np.abs(g - r).max() <= 2e-5 * max(1.0, float(np.abs(r).max()))
 
 
 def test_gated_deltanet_lowered_chunked_calls_equal_one_call():

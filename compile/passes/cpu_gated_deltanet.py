@@ -13,7 +13,10 @@ T > 1), and the rest is written for the sizes the check pins:
   mixed     = silu(conv)^T                                  [B, T, C]
   q, k, v   = Split(mixed)                                  L2-normalised per K-head, q * K^-0.5,
                                                             q/k repeated to the HV value heads
-  g, beta   = -exp(A_log) * softplus(a + dt_bias), sigmoid(b)
+            (u / sqrt(sum u^2 + eps) as RMSNormalization(u, scale, eps / K) with scale K^-0.5 for k,
+            K^-1 for q: one kernel for seven)
+  g, beta   = -exp(A_log) * softplus(a + dt_bias), sigmoid(b)   (-exp(A_log) folded when A_log is a
+                                                                 constant)
   o, S_out  = LinearAttention(q, k, v, recurrent_state, g, beta; q_num_heads = kv_num_heads = HV,
                               scale 1, update_rule gated_delta)
   y         = RMSNormalization(o, norm_weight, norm_eps) * silu(z)   (opset 23)
@@ -36,6 +39,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .base import QcnRule, attr, dims, refuse
+from .quant.weights import PassWeights
 
 MS_DOMAIN = "com.microsoft"
 NAMES = ("qkv", "z", "b", "a", "conv_weight", "A_log", "dt_bias", "norm_weight", "conv_state", "recurrent_state")
@@ -107,19 +111,23 @@ class CpuGatedDeltaNet(QcnRule):
             mixed = op.Transpose(op.Mul(conv, op.Sigmoid(conv)), perm=[0, 2, 1])             # [B, T, C]
         q, k, v = op.Split(mixed, _i64(op, [hk * dk, hk * dk, hv * dv]), axis=-1, _outputs=3)
 
-        def l2_heads(u):  # [B, T, Hk*Dk] -> normalised, repeated: [B, T, Hv*Dk]
+        def l2_heads(u, scale):  # [B, T, Hk*Dk] -> normalised * scale, repeated: [B, T, Hv*Dk]
+            # u / sqrt(sum u^2 + eps) = RMSNorm(u, eps / Dk) / sqrt(Dk): one kernel instead of seven
             u4 = op.Reshape(u, _i64(op, [0, 0, hk, 1, dk]))
-            ss = op.ReduceSum(op.Mul(u4, u4), _i64(op, [-1]), keepdims=1)
-            un = op.Mul(u4, op.Reciprocal(op.Sqrt(op.Add(ss, _f32(op, L2_EPS)))))
+            w = np.full(dk, np.float32(scale) / np.sqrt(np.float32(dk)), dtype=np.float32)
+            un = op.RMSNormalization(u4, _f32(op, w), axis=-1, epsilon=L2_EPS / dk)
             if rep > 1:
                 un = op.Expand(un, _i64(op, [1, 1, 1, rep, 1]))
             return op.Reshape(un, _i64(op, [0, 0, hv * dk]))
 
-        qn = l2_heads(q)
-        qn = op.Mul(qn, _f32(op, np.float32(1.0) / np.sqrt(np.float32(dk))))
-        kn = l2_heads(k)
+        qn = l2_heads(q, np.float32(1.0) / np.sqrt(np.float32(dk)))  # the attention scale folded in
+        kn = l2_heads(k, 1.0)
         beta = op.Sigmoid(b)
-        g = op.Mul(op.Neg(op.Exp(A_log)), op.Softplus(op.Add(a, dt_bias)))
+        if A_log.const_value is not None:  # a weight: -exp(A_log) once, here, not on every call
+            neg_a = _f32(op, -np.exp(PassWeights.torch(A_log).numpy().astype(np.float32)))
+        else:
+            neg_a = op.Neg(op.Exp(A_log))
+        g = op.Mul(neg_a, op.Softplus(op.Add(a, dt_bias)))
         o, state_out = op.LinearAttention(qn, kn, v, recurrent_state, g, beta, _domain=MS_DOMAIN, _outputs=2,
                                           q_num_heads=hv, kv_num_heads=hv, scale=1.0, update_rule="gated_delta")
         o4 = op.Reshape(o, _i64(op, [0, 0, hv, dv]))
