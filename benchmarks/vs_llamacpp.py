@@ -62,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="qcn cpu artifact; compiled from --recipe if missing")
     p.add_argument("--recipe", type=Path, default=REPO / "recipes/pico_cpu.yaml")
     p.add_argument("--recompile", action="store_true", help="recompile --artifact with the checked-out compiler")
+    p.add_argument("--int4-artifact", type=Path, default=None,
+                   help="also measure a qcn INT4 cpu artifact as 'qcn int4' (compiled from recipes/pico_int4_cpu.yaml "
+                   "if missing), compared with llama.cpp q4_0 / q8_0 (add them to --types)")
     p.add_argument("--baseline-artifact", type=Path,
                    help="a second qcn artifact measured in the same rounds as 'qcn fp32 before' (e.g. compiled by an "
                    "older commit), for before/after tables")
@@ -341,6 +344,9 @@ def main(argv=None) -> int:
     prompts = rng.integers(0, high, size=(max_b, args.prompt_len)).tolist()
 
     systems = [("qcn fp32", "qcn", artifact)] + [(f"llama.cpp {k}", "llama", p) for k, p in ggufs.items()]
+    if args.int4_artifact:
+        systems.append(("qcn int4", "qcn", ensure_artifact(args.int4_artifact, args.checkpoint,
+                                                           REPO / "recipes/pico_int4_cpu.yaml", force=args.recompile)))
     if args.baseline_artifact:
         systems.append(("qcn fp32 before", "qcn", args.baseline_artifact))
     workers = {(name, t): Worker(name, kind, path, t, max_b, eos,
@@ -392,6 +398,17 @@ def main(argv=None) -> int:
             print(f"threads {t} batch {b}: qcn / {name}: prefill {q['prefill_tok_s'] / ll['prefill_tok_s']:.2f}x "
                   f"(CPU time {q['prefill_tok_s_cpu'] / ll['prefill_tok_s_cpu']:.2f}x), decode "
                   f"{q['decode_tok_s'] / ll['decode_tok_s']:.2f}x (CPU time {q['decode_tok_s_cpu'] / ll['decode_tok_s_cpu']:.2f}x)")
+        if args.int4_artifact:
+            q4 = next(r for r in rows if r["system"] == "qcn int4" and r["threads"] == t and r["batch"] == b)
+            for k in ("q4_0", "q8_0"):
+                ll = next((r for r in rows if r["system"] == f"llama.cpp {k}" and r["threads"] == t and r["batch"] == b),
+                          None)
+                if ll is not None:
+                    print(f"threads {t} batch {b}: qcn int4 / llama.cpp {k}: prefill "
+                          f"{q4['prefill_tok_s'] / ll['prefill_tok_s']:.2f}x (CPU time "
+                          f"{q4['prefill_tok_s_cpu'] / ll['prefill_tok_s_cpu']:.2f}x), decode "
+                          f"{q4['decode_tok_s'] / ll['decode_tok_s']:.2f}x (CPU time "
+                          f"{q4['decode_tok_s_cpu'] / ll['decode_tok_s_cpu']:.2f}x)")
         if args.baseline_artifact:
             old = next(r for r in rows if r["system"] == "qcn fp32 before" and r["threads"] == t and r["batch"] == b)
             print(f"threads {t} batch {b}: qcn / qcn before: prefill {q['prefill_tok_s'] / old['prefill_tok_s']:.2f}x "
