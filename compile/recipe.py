@@ -9,6 +9,7 @@ A key written twice in one mapping is an error (PyYAML would silently keep the l
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,7 @@ class GenerationOptions:
 FP8_GRANULARITIES = ("channel", "block128")
 INT4_METHODS = ("awq", "rtn")
 INT4_CPU_ACCURACY_LEVELS = (0, 1, 4)  # per output channel | 1x128 blocks along K (in)
+LM_HEAD_PRECISIONS = ("none", "int8")
 RANGE_METHODS = ("max", "percentile")
 
 
@@ -202,11 +204,15 @@ class QuantizationOptions:
     int4_method: str = "rtn"  # rtn | awq: how INT4 g128 weights are rounded (rtn: the better on qcn-pico, BENCHMARKS.md)
     int4_cpu_accuracy_level: int = 0  # cpu target: MatMulNBits/QMoE accuracy_level (0 fp32 activations, 4 int8)
     keep: tuple[str, ...] = ()  # initializer-name patterns (fnmatch) kept in the activation dtype
+    # the logits projection: none (activation dtype) | int8 (cpu target: 8-bit g128 weights, int8
+    # activations in MatMulNBits; compile/passes/quant/int8_cpu_lm_head.py)
+    lm_head: str = "none"
 
     @property
     def active(self) -> bool:
         """Anything quantized (then calibration and the accuracy gate run)."""
-        return self.weights != "none" or self.experts != "none" or self.kv_cache != "activation"
+        return (self.weights != "none" or self.experts != "none" or self.kv_cache != "activation"
+                or self.lm_head != "none")
 
 
 @dataclass(frozen=True)
@@ -400,6 +406,12 @@ def validate(recipe: Recipe) -> Recipe:
     if any(not isinstance(k, str) or not k for k in q.keep):
         raise RecipeError(f"quantization.keep: expected a list of initializer-name patterns (strings, e.g. "
                           f"[lm_head, \"layers.0.*\"]), got {list(q.keep)!r}")
+    _choice(q.lm_head, LM_HEAD_PRECISIONS, "quantization.lm_head")
+    if q.lm_head != "none":
+        kept = [k for k in q.keep if fnmatch.fnmatchcase("lm_head", k)]
+        if kept:
+            raise RecipeError(f"quantization.lm_head is {q.lm_head!r} but quantization.keep pattern {kept[0]!r} keeps "
+                              "lm_head unquantized; drop one of them")
     c, gt = q.calibration, q.gate
     _number(c.tokens, "quantization.calibration.tokens", integer=True, minimum=1)
     _number(c.seq_len, "quantization.calibration.seq_len", integer=True, minimum=2)

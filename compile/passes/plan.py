@@ -76,6 +76,10 @@ def _quantization() -> tuple[PassSpec, ...]:
     from .quant import int4_rows
 
     rows += list(int4_rows.ROWS)
+    # --- the 8-bit lm_head (issue #12): its own row, after the INT4 ones (which keep lm_head) ---
+    from .quant import int8_cpu_lm_head
+
+    rows.append(int8_cpu_lm_head.SPEC)
     # --- fp8x (issue #10 part 3): the FP8 KV cache, after the weight rows (it calibrates the new K/V of the
     # graph with quantized weights: what the cache will hold) ---
     from .quant import kv_fp8
@@ -159,7 +163,7 @@ def plan_identity(module: str, quant: "QuantizationOptions | None" = None) -> li
     return [{"pass": p.name, "runs": why is None} for p, why in plan_for(module, quant)]
 
 
-QUANT_DEFAULTS = {"weights": "none", "experts": "none", "kv_cache": "activation"}
+QUANT_DEFAULTS = {"weights": "none", "experts": "none", "kv_cache": "activation", "lm_head": "none"}
 
 
 def missing_passes(module: str, quant: "QuantizationOptions") -> list[tuple[str, str, list[str]]]:

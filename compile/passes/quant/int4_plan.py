@@ -33,7 +33,8 @@ from .int4_projection import const_weight, producer_constant
 log = logging.getLogger(__name__)
 
 METHODS = ("rtn", "awq")
-DEFAULT_KEEP = {"lm_head": "default: lm_head stays unquantized (the logits' precision)"}
+LM_HEAD = "lm_head"  # the export's name of the logits projection's weight [H, V]
+DEFAULT_KEEP = {LM_HEAD: "default: lm_head stays unquantized by INT4 (the logits' precision; quantization.lm_head: int8 is its own pass)"}
 
 
 @dataclass(frozen=True)
