@@ -109,16 +109,12 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     from transformers import Qwen3NextForCausalLM
 
-    from qcn.compile.pipeline import compile_recipe
-    from qcn.compile.recipe import load_recipe
     from qcn.runtime.generate import load
 
-    from cpu_decode import cpu_model  # benchmarks/ is on sys.path when run as a script
+    from cpu_decode import cpu_model, ensure_artifact  # benchmarks/ is on sys.path when run as a script
 
     torch.set_num_threads(a.threads)
-    if not (a.artifact / "manifest.json").is_file():
-        print(f"[setup] compiling {a.recipe} ({a.checkpoint} -> {a.artifact})", flush=True)
-        compile_recipe(load_recipe(a.recipe, checkpoint=a.checkpoint, output=a.artifact))
+    ensure_artifact(a.artifact, a.checkpoint, a.recipe)
     hf = Qwen3NextForCausalLM.from_pretrained(a.checkpoint, dtype=torch.float32).eval()
     gen = load(a.artifact, threads=a.threads)
     session = gen.session

@@ -132,16 +132,27 @@ def ensure_checkpoint(path: Path) -> Path:
 
 
 def ensure_artifact(path: Path, checkpoint: Path, recipe_path: Path, *, force: bool = False) -> Path:
-    if (path / "manifest.json").is_file() and not force:
+    """The artifact at ``path``, compiled from ``recipe_path`` when missing (or ``force``) by the
+    whole pipeline (export, then the target's passes: a cpu artifact without its passes stage
+    runs the bare function bodies, not what qcn-compile ships). An existing artifact is used as
+    it is; one that stopped at the export stage is named on stdout, since its numbers are not
+    the shipped artifact's."""
+    manifest = path / "manifest.json"
+    if manifest.is_file() and not force:
+        stage = json.loads(manifest.read_text()).get("stage")
+        if stage == "export":
+            print(f"[setup] warning: {path} is an export-stage artifact (no passes: the cpu lowerings and "
+                  f"quantization did not run); --recompile measures what qcn-compile writes", flush=True)
         return path
-    from qcn.compile.pipeline import compile_recipe
+    from qcn.compile.pipeline import run_pipeline
     from qcn.compile.recipe import load_recipe
 
     print(f"[setup] compiling {recipe_path} ({checkpoint} -> {path})", flush=True)
     t0 = time.perf_counter()
-    out = compile_recipe(load_recipe(recipe_path, checkpoint=checkpoint, output=path))
-    print(f"[setup] compiled in {time.perf_counter() - t0:.1f}s", flush=True)
-    return out
+    res = run_pipeline(load_recipe(recipe_path, checkpoint=checkpoint, output=path), force=force)
+    print(f"[setup] compiled in {time.perf_counter() - t0:.1f}s (stages run: {', '.join(res.ran) or 'none'})",
+          flush=True)
+    return res.output
 
 
 def check_same_model(artifact: Path, checkpoint: Path) -> str | None:

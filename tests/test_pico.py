@@ -14,7 +14,7 @@ from transformers import Qwen3NextForCausalLM
 from qcn.compile.export.checkpoint import open_checkpoint
 from qcn.compile.export.config import load_model_config
 from qcn.compile.export.tiny import mtp_tensors
-from qcn.compile.pipeline import compile_recipe
+from qcn.compile.pipeline import run_pipeline
 from qcn.compile.recipe import ExportOptions, Recipe, RuntimeOptions
 from qcn.runtime.generate import load
 
@@ -34,7 +34,7 @@ def hf():
 def artifact(tmp_path_factory) -> Path:
     recipe = Recipe(name="test-pico", checkpoint=PICO, output=tmp_path_factory.mktemp("pico") / "artifact",
                     export=ExportOptions(), runtime=RuntimeOptions(prefill_chunk=64, max_batch=4, max_context=512))
-    return compile_recipe(recipe)
+    return run_pipeline(recipe).output  # what qcn-compile ships for the cpu target: export + passes
 
 
 @pytest.fixture(scope="module")
