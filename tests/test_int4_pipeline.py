@@ -67,3 +67,29 @@ def test_tiny_int4_too_tight_gate_fails_the_compile(ckpt, tmp_path, capsys):
     assert rc != 0 and not out.exists()
     err = capsys.readouterr().err
     assert "accuracy gate failed" in err and "kl_mean" in err
+
+
+def test_tiny_int8_lm_head_alone_compiles_gates_and_generates(ckpt, tmp_path):
+    """quantization.lm_head: int8 with nothing else quantized: the gate still runs (the recipe is
+    'active'), both graphs' lm_head is MatMulNBits 8-bit, and the artifact generates."""
+    import onnx
+
+    out = tmp_path / "art"
+    rc = cli.main([str(_recipe(tmp_path, weights="none", experts="none", lm_head="int8")), "--checkpoint", str(ckpt),
+                   "--out", str(out), "-q"])
+    assert rc == 0
+    rows = {r["pass"]: r for r in json.loads((out / "passes_report.json").read_text())["passes"]}
+    for g in ("prefill", "decode"):
+        assert rows["int8_cpu_lm_head"]["graphs"][g]["rewritten"] == 1
+        nodes = onnx.load(out / f"{g}.onnx", load_external_data=False).graph.node
+        nb = [n for n in nodes if n.op_type == "MatMulNBits"]
+        assert len(nb) == 1 and {a.name: a.i for a in nb[0].attribute}["bits"] == 8
+    acc = json.loads((out / "accuracy.json").read_text())
+    assert acc["passed"] and abs(acc["ppl_ratio"] - 1) < 0.05 and acc["kl_mean"] > 0   # really quantized
+    from qcn.runtime.generate import load
+    gen = load(str(out))
+    try:
+        res = gen.generate(["def f(x):"], gen.params(max_new_tokens=4, temperature=0.0))
+        assert 1 <= len(res[0].token_ids) <= 4
+    finally:
+        gen.close()
