@@ -50,6 +50,7 @@ def test_tiny_int4_awq_with_keep_compiles_reports_kept_and_generates(ckpt, tmp_p
     from qcn.runtime.generate import load
     gen = load(str(out))
     try:
+        assert gen.backend.prepack == {"prefill", "decode"}   # MatMulNBits / QMoE in both graphs: both pack
         res = gen.generate(["def f(x):"], gen.params(max_new_tokens=4, temperature=0.0))
         assert 1 <= len(res[0].token_ids) <= 4
     finally:

@@ -83,3 +83,25 @@ def test_prepack_names_graphs_of_the_artifact(art, bad):
         create_backend(load_manifest(art.path), prepack=bad)
     if bad == ("decoder",):
         assert "prefill, decode" in str(e.value)
+
+
+def test_graph_ops_reader_agrees_with_onnx(art):
+    from qcn.runtime.backends.onnx_weights import graph_ops
+    for graph in ("prefill.onnx", "decode.onnx"):
+        model = onnx.load(str(art.path / graph), load_external_data=False)
+        assert graph_ops(art.path / graph) == {(n.domain, n.op_type) for n in model.graph.node}
+
+
+def test_a_graph_with_a_packed_only_op_is_prepacked_by_default(art, monkeypatch):
+    from qcn.runtime.backends import onnxruntime as ob
+    from qcn.runtime.backends.onnx_weights import graph_ops
+    only_prefill = sorted(graph_ops(art.path / "prefill.onnx") - graph_ops(art.path / "decode.onnx"))
+    op = only_prefill[0] if only_prefill else sorted(graph_ops(art.path / "prefill.onnx"))[0]
+    monkeypatch.setattr(ob, "PACKED_OPS", frozenset({op}))
+    be = create_backend(load_manifest(art.path))
+    assert be.prepack == {"prefill", "decode"}
+    be.close()
+    monkeypatch.setattr(ob, "PACKED_OPS", frozenset({("com.example", "Nothing")}))
+    be = create_backend(load_manifest(art.path))
+    assert be.prepack == {"decode"}
+    be.close()

@@ -17,7 +17,7 @@ import numpy as np
 from qcn.artifact.dtypes import DTYPES, from_onnx
 from ..errors import ArtifactError
 
-__all__ = ["ExternalTensor", "external_initializers", "WeightMaps"]
+__all__ = ["ExternalTensor", "external_initializers", "graph_ops", "WeightMaps"]
 
 
 def _numpy(elem_type: int) -> np.dtype | None:
@@ -117,6 +117,25 @@ def external_initializers(model_path: Path) -> list[ExternalTensor]:
     except (IndexError, ValueError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{model_path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
     return out
+
+
+def graph_ops(model_path: Path) -> frozenset[tuple[str, str]]:
+    """The (domain, op_type) of every node of the model's top-level graph ("" is the ONNX domain)."""
+    try:
+        data = memoryview(Path(model_path).read_bytes())
+    except OSError as e:
+        raise ArtifactError(f"{model_path}: cannot read: {e.strerror or e}") from None
+    ops = set()
+    try:
+        for num, wt, graph in _fields(data):
+            if num == 7 and wt == 2:  # ModelProto.graph
+                for gnum, gwt, node in _fields(graph):
+                    if gnum == 1 and gwt == 2:  # GraphProto.node: NodeProto {op_type = 4, domain = 7}
+                        f = {n: bytes(v).decode() for n, w, v in _fields(node) if n in (4, 7) and w == 2}
+                        ops.add((f.get(7, ""), f.get(4, "")))
+    except (IndexError, ValueError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{model_path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
+    return frozenset(ops)
 
 
 class WeightMaps:

@@ -14,8 +14,11 @@ once, at session creation, instead of on every call. For a one-token decode step
 difference between streaming the weights once and copying them on every step (qcn-pico, 1 thread,
 out of cache: 19 vs 12 GB/s per MatMul; a decode step 15-25 % faster, BENCHMARKS.md). The packed
 copy lives in that session's memory (the MatMul weights, not the experts MoE reads in place:
-about 23 MB on qcn-pico), so by default only the decode graph packs; prefill's 64-token calls
-gained ~7 % from it, not worth a second copy.
+about 23 MB on qcn-pico), so by default the decode graph packs; prefill's 64-token fp32 calls
+gained ~7 % from it, not worth a second copy. A graph holding ONNX Runtime's block-quantized ops
+(:data:`PACKED_OPS`: MatMulNBits, QMoE) packs too: their CPU kernels compute from the packed
+form, and unpacked they re-lay the quantized weight on every call (qcn-pico INT4, prefill 128
+tokens, 1 thread: 2040 -> 4500 tokens/s packed, peak RSS +4-12 MiB; BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -35,12 +38,15 @@ from ..errors import ArtifactError, BackendError
 from ...support import state_dtype_problems
 from ..manifest import Manifest, numpy_dtype
 from ..state import host_dtype
-from .onnx_weights import WeightMaps, external_initializers
+from .onnx_weights import WeightMaps, external_initializers, graph_ops
 from .ort_state import OrtStateStore
 
 __all__ = ["OrtBackend"]
 
 log = logging.getLogger(__name__)
+
+#: ops whose CPU kernels run from MLAS's packed weights: a graph holding one is pre-packed by default
+PACKED_OPS = frozenset({("com.microsoft", "MatMulNBits"), ("com.microsoft", "QMoE")})
 
 
 
@@ -54,8 +60,9 @@ class OrtBackend:
     with one thread there are no idle threads to spin. ``providers``: execution providers (default
     CPU). ``share_weights``: one memory-mapped
     copy of the weights for all sessions (see the module docstring). ``prepack``: the graphs whose
-    session pre-packs its constant MatMul weights (one packed copy each; default the decode graph,
-    see the module docstring; with ``share_weights=False`` every session packs). The manifest's
+    session pre-packs its constant MatMul weights (one packed copy each; None, the default: the
+    decode graph and every graph holding a :data:`PACKED_OPS` op, see the module docstring; with
+    ``share_weights=False`` every session packs). The manifest's
     file hashes are verified before the first session is created.
     """
 
@@ -71,7 +78,7 @@ class OrtBackend:
         graphs: Sequence[str] = ("prefill", "decode"),
         share_weights: bool = True,
         spin: bool = False,
-        prepack: Sequence[str] = ("decode",),
+        prepack: Sequence[str] | None = None,
     ):
         self.manifest = manifest
         self.artifact_dir = Path(artifact_dir) if artifact_dir is not None else manifest.artifact_dir
@@ -86,6 +93,9 @@ class OrtBackend:
         if not isinstance(spin, bool):
             raise BackendError(f"spin must be True or False, got {spin!r}")
         self.spin = spin
+        if prepack is None:
+            prepack = [g for g in graphs if g == "decode" or graph_ops(self.artifact_dir / manifest.graph(g).file)
+                       & PACKED_OPS]
         if isinstance(prepack, str) or not all(isinstance(g, str) for g in prepack):
             raise BackendError(f"prepack must be a sequence of graph names, got {prepack!r}")
         unknown = [g for g in prepack if g not in manifest.graphs]
