@@ -99,42 +99,39 @@ def _tensor(buf: memoryview) -> ExternalTensor | None:
     return ExternalTensor(name, dtype, tuple(dims), ext["location"], int(ext.get("offset", 0)), int(ext.get("length", -1)))
 
 
-def external_initializers(model_path: Path) -> list[ExternalTensor]:
-    """Every initializer of the model's top-level graph whose data is in an external file."""
+def _graph_fields(model_path: Path):
+    """(field number, wire type, value) of the model's top-level GraphProto; an unreadable file
+    or a damaged protobuf is an :class:`ArtifactError` naming the file."""
     try:
         data = memoryview(Path(model_path).read_bytes())
     except OSError as e:
         raise ArtifactError(f"{model_path}: cannot read: {e.strerror or e}") from None
-    out: list[ExternalTensor] = []
     try:
         for num, wt, graph in _fields(data):
             if num == 7 and wt == 2:  # ModelProto.graph
-                for gnum, gwt, t in _fields(graph):
-                    if gnum == 5 and gwt == 2:  # GraphProto.initializer
-                        ext = _tensor(t)
-                        if ext is not None:
-                            out.append(ext)
+                yield from _fields(graph)
     except (IndexError, ValueError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{model_path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
+
+
+def external_initializers(model_path: Path) -> list[ExternalTensor]:
+    """Every initializer of the model's top-level graph whose data is in an external file."""
+    out: list[ExternalTensor] = []
+    for gnum, gwt, t in _graph_fields(model_path):
+        if gnum == 5 and gwt == 2:  # GraphProto.initializer
+            ext = _tensor(t)
+            if ext is not None:
+                out.append(ext)
     return out
 
 
 def graph_ops(model_path: Path) -> frozenset[tuple[str, str]]:
     """The (domain, op_type) of every node of the model's top-level graph ("" is the ONNX domain)."""
-    try:
-        data = memoryview(Path(model_path).read_bytes())
-    except OSError as e:
-        raise ArtifactError(f"{model_path}: cannot read: {e.strerror or e}") from None
     ops = set()
-    try:
-        for num, wt, graph in _fields(data):
-            if num == 7 and wt == 2:  # ModelProto.graph
-                for gnum, gwt, node in _fields(graph):
-                    if gnum == 1 and gwt == 2:  # GraphProto.node: NodeProto {op_type = 4, domain = 7}
-                        f = {n: bytes(v).decode() for n, w, v in _fields(node) if n in (4, 7) and w == 2}
-                        ops.add((f.get(7, ""), f.get(4, "")))
-    except (IndexError, ValueError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{model_path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
+    for gnum, gwt, node in _graph_fields(model_path):
+        if gnum == 1 and gwt == 2:  # GraphProto.node: NodeProto {op_type = 4, domain = 7}
+            f = {n: bytes(v).decode() for n, w, v in _fields(node) if n in (4, 7) and w == 2}
+            ops.add((f.get(7, ""), f.get(4, "")))
     return frozenset(ops)
 
 

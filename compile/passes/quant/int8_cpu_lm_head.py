@@ -92,7 +92,7 @@ class Int8CpuLmHead(MakesInitializers, QcnRule):
 
 
 SPEC = PassSpec(
-    Int8CpuLmHead.pass_name, lambda ctx: Int8CpuLmHead(add=lambda op, tensor: ctx.weights.add_tensor(op, tensor)),
+    Int8CpuLmHead.pass_name, lambda ctx: Int8CpuLmHead(add=ctx.weights.add_tensor),
     ("onnxruntime",), ("", "MatMul"),
     "MatMul(x, lm_head fp32) -> com.microsoft.MatMulNBits bits 8 g128 (int8 activations)",
     wanted=lambda q: None if q.lm_head == "int8" else f"quantization.lm_head is {q.lm_head!r}",
