@@ -144,12 +144,16 @@ def ensure_artifact(path: Path, checkpoint: Path, recipe_path: Path, *, force: b
             print(f"[setup] warning: {path} is an export-stage artifact (no passes: the cpu lowerings and "
                   f"quantization did not run); --recompile measures what qcn-compile writes", flush=True)
         return path
-    from qcn.compile.pipeline import run_pipeline
+    from qcn.compile.artifacts import is_qcn_artifact
+    from qcn.compile.pipeline import run_pipeline, stage_dirs
     from qcn.compile.recipe import load_recipe
 
     print(f"[setup] compiling {recipe_path} ({checkpoint} -> {path})", flush=True)
     t0 = time.perf_counter()
-    res = run_pipeline(load_recipe(recipe_path, checkpoint=checkpoint, output=path), force=force)
+    recipe = load_recipe(recipe_path, checkpoint=checkpoint, output=path)
+    # force redoes every stage, and lets the outputs replace anything: only over qcn's own directories
+    ours = all(not d.exists() or is_qcn_artifact(d) for d in stage_dirs(recipe).values())
+    res = run_pipeline(recipe, force=force and ours)
     print(f"[setup] compiled in {time.perf_counter() - t0:.1f}s (stages run: {', '.join(res.ran) or 'none'})",
           flush=True)
     return res.output
